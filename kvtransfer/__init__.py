@@ -1,0 +1,1 @@
+"""KV transfer: codecs, transports and the per-(prefill, decode) channel."""
