@@ -1,0 +1,1 @@
+"""Workloads, sweeps and speed benchmarks."""
