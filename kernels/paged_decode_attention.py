@@ -186,9 +186,11 @@ def paged_decode_attention(
     *,
     partition_size: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
-    """See the module datasheet. `partition_size` / `block_n` override the tuned choices
-    (powers of two; partition_size a multiple of block_n)."""
+    """See the module datasheet. The keyword-only arguments override the tuned launch choices
+    (partition_size and block_n powers of two, partition_size a multiple of block_n)."""
     assert q.dim() == 3 and k_cache.dim() == 4, "q [seqs, q_heads, dim], cache [blocks, bs, kv_heads, dim]"
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "k/v cache differ"
     assert k_cache.is_contiguous(), "k_cache/v_cache must be contiguous pages"
@@ -221,7 +223,8 @@ def paged_decode_attention(
     single = num_parts == 1
     head_dim_pad = triton.next_power_of_2(head_dim)
     group_pad = max(16, triton.next_power_of_2(group))
-    num_warps = 4 if block_n * head_dim_pad <= 64 * 128 else 8
+    if num_warps is None:
+        num_warps = 4 if block_n * head_dim_pad <= 64 * 128 else 8
 
     if single:
         part_out = part_max = part_sum = out       # unused
@@ -247,7 +250,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
         SINGLE_PARTITION=single,
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
         _paged_decode_reduce_kernel[(num_seqs, num_q_heads)](

@@ -42,20 +42,26 @@ _LOG2E = 1.4426950408889634
 def _attend_tile(
     q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, head_off, start_n, kv_end, q_pos,
     qk_scale, stride_cache_block, stride_cache_tok, offs_n, offs_d, mask_d,
-    BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     tok = start_n + offs_n
+    mask_n = tok < kv_end
     if MASKED:
-        mask_n = tok < kv_end
         page = tl.load(bt_row + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
     else:
-        mask_n = tok >= 0
         page = tl.load(bt_row + tok // BLOCK_SIZE).to(tl.int64)
     row = page * stride_cache_block + (tok % BLOCK_SIZE) * stride_cache_tok + head_off
     kv_off = row[:, None] + offs_d[None, :]
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    if MASKED:
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_cache_ptr + kv_off)
+        v = tl.load(v_cache_ptr + kv_off)
+    else:
+        k = tl.load(k_cache_ptr + kv_off, mask=mask_d[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=mask_d[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale                            # [BLOCK_M, BLOCK_N]
     if MASKED:
         s = tl.where((tok[None, :] <= q_pos[:, None]) & mask_n[None, :], s, float("-inf"))
@@ -113,12 +119,12 @@ def _prefill_attention_kernel(
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, head_off, start_n, kv_end, q_pos,
             qk_scale, stride_cache_block, stride_cache_tok, offs_n, offs_d, mask_d,
-            BLOCK_SIZE=BLOCK_SIZE, MASKED=False)
+            BLOCK_SIZE=BLOCK_SIZE, MASKED=False, EVEN_D=HEAD_DIM == HEAD_DIM_PAD)
     for start_n in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, head_off, start_n, kv_end, q_pos,
             qk_scale, stride_cache_block, stride_cache_tok, offs_n, offs_d, mask_d,
-            BLOCK_SIZE=BLOCK_SIZE, MASKED=True)
+            BLOCK_SIZE=BLOCK_SIZE, MASKED=True, EVEN_D=HEAD_DIM == HEAD_DIM_PAD)
 
     o = acc / l_i[:, None]
     o_ptrs = out_ptr + q_rows[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :]
@@ -137,8 +143,10 @@ def prefill_attention(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 3,
 ) -> torch.Tensor:
-    """See the module datasheet."""
+    """See the module datasheet. The keyword-only arguments override the tuned launch choices."""
     assert q.dim() == 3 and k_cache.dim() == 4, "q [tokens, q_heads, dim], cache [blocks, bs, kv_heads, dim]"
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "k/v cache differ"
     assert k_cache.is_contiguous(), "k_cache/v_cache must be contiguous pages"
@@ -170,7 +178,8 @@ def prefill_attention(
         block_m = min(block_m, max(16, triton.next_power_of_2(max_q_len)))
     if block_n is None:
         block_n = 64
-    num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
+    if num_warps is None:
+        num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
     grid = (triton.cdiv(max_q_len, block_m), num_seqs, num_q_heads)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
@@ -182,6 +191,6 @@ def prefill_attention(
         GROUP=num_q_heads // num_kv_heads,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=3,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
