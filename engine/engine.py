@@ -32,7 +32,8 @@ def scheduler_config_for(model_config: ModelConfig, config: EngineConfig) -> Sch
 class LLMEngine:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, policy: str = "continuous",
                  weights: dict[str, Any] | None = None, tokenizer: Any = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 emit: Callable[[dict[str, Any]], None] | None = None) -> None:
         if policy not in SCHEDULERS:
             raise RequestError(f"policy={policy!r}: choose one of {sorted(SCHEDULERS)}")
         self.model_config = model_config
@@ -44,10 +45,13 @@ class LLMEngine:
         self.scheduler: Scheduler = SCHEDULERS[policy](scheduler_config_for(model_config, config), self.blocks)
         self._ids = itertools.count()
         self.eos_token_ids = tuple(model_config.eos_token_ids)
+        # Lifecycle events for whoever drives this engine (the cluster front end); plain dicts.
+        self.emit: Callable[[dict[str, Any]], None] = emit or (lambda event: None)
 
     @classmethod
-    def from_source(cls, source: ModelSource, config: EngineConfig, policy: str = "continuous") -> "LLMEngine":
-        return cls(source.model_config(), config, policy, source.state_dict(), source.tokenizer())
+    def from_source(cls, source: ModelSource, config: EngineConfig, policy: str = "continuous",
+                    **kwargs: Any) -> "LLMEngine":
+        return cls(source.model_config(), config, policy, source.state_dict(), source.tokenizer(), **kwargs)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -70,8 +74,15 @@ class LLMEngine:
     def abort(self, request_id: str) -> Request | None:
         req = self.scheduler.abort(request_id)
         if req is not None:
-            req.record(LifecycleEvent.ABORTED, self.clock())
+            now = self.clock()
+            req.record(LifecycleEvent.ABORTED, now)
+            self.emit({"id": request_id, "kind": "aborted", "t": now})
         return req
+
+    def stats(self) -> dict[str, int]:
+        return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
+                "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "queued_prompt_tokens": self.scheduler.queued_prompt_tokens}
 
     @property
     def has_unfinished(self) -> bool:
@@ -84,23 +95,44 @@ class LLMEngine:
         batch = self.scheduler.schedule(self.clock())
         if batch.is_empty:
             return []
-        tokens = self.runner.execute(batch)
+        self._on_scheduled(batch)
+        tokens = self.runner.execute(batch, self._layer_hook(batch))
         return self._update(batch, tokens, self.clock())
+
+    def _on_scheduled(self, batch: ScheduledBatch) -> None:
+        """A step is about to run: report requests whose prefill starts now."""
+        for s in batch.prefills:
+            if s.start == 0 and not s.request.output_token_ids:
+                t = s.request.events[LifecycleEvent.PREFILL_START]
+                self.emit({"id": s.request.request_id, "kind": "prefill_start", "t": t})
+
+    def _layer_hook(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        """Hook: a callback run as each layer's KV lands in the cache (prefill streams it)."""
+        return None
 
     def _update(self, batch: ScheduledBatch, tokens: list[int | None], now: float) -> list[Request]:
         self.scheduler.on_step_done(batch)
         finished = []
         for s, token in zip(batch.seqs, tokens):
-            if token is None:
-                continue
-            req = s.request
-            req.append_token(token, now)
-            reason = stop_reason(req, self.eos_token_ids, self.scheduler.config.max_model_len, self.tokenizer)
-            if reason is not None:
-                self.scheduler.finish(req, RequestStatus.FINISHED, reason)
-                req.record(LifecycleEvent.FINISHED, now)
-                finished.append(req)
+            if token is not None and self._accept_token(s.request, token, now):
+                finished.append(s.request)
         return finished
+
+    def _accept_token(self, req: Request, token: int, now: float) -> bool:
+        """Append a sampled token; finish the request if it should stop. True if it finished."""
+        req.append_token(token, now)
+        self.emit({"id": req.request_id, "kind": "token", "t": now, "token": token})
+        reason = stop_reason(req, self.eos_token_ids, self.scheduler.config.max_model_len, self.tokenizer)
+        if reason is None:
+            return False
+        self.finish(req, RequestStatus.FINISHED, reason, now)
+        return True
+
+    def finish(self, req: Request, status: RequestStatus, reason: str, now: float) -> None:
+        self.scheduler.finish(req, status, reason)
+        event = LifecycleEvent.FINISHED if status == RequestStatus.FINISHED else LifecycleEvent.FAILED
+        req.record(event, now)
+        self.emit({"id": req.request_id, "kind": event.value, "t": now, "reason": reason})
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[Request]:
         reqs = [self.add_request(p, params) for p in prompts]

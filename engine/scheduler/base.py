@@ -85,6 +85,11 @@ class Scheduler(ABC):
         self.check_fits(request)
         self.waiting.append(request)
 
+    def admit_running(self, request: Request) -> None:
+        """A request whose KV was computed elsewhere (and landed in its blocks) joins running."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     def abort(self, request_id: str) -> Request | None:
         for queue in (self.waiting, self.running):
             for req in queue:

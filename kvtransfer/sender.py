@@ -1,0 +1,182 @@
+"""Prefill side of a KV channel: one persistent TCP connection to one decode instance.
+
+Jobs (begin, layer, done, abort) queue up from the prefill loop and leave in order on a
+sender thread, so encoding and sending a layer overlaps the next layers' compute. A reader
+thread collects acks. Any failure (connect, send, ack timeout, nack) ends in exactly one
+`on_result(request_id, ok=False, reason)`; success in one `on_result(request_id, True, None)`.
+"""
+
+from __future__ import annotations
+
+import queue
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from kvtransfer.codec import ModelFingerprint
+from kvtransfer.frames import ChannelError, recv_frame, send_frame
+from kvtransfer.link import BandwidthEstimator, RateLimiter
+from kvtransfer.payload import LayerPacker
+
+ResultCallback = Callable[[str, bool, "str | None", dict[str, Any]], None]
+
+
+@dataclass
+class _Outgoing:
+    packer: LayerPacker
+    bytes_raw: int = 0
+    bytes_wire: int = 0
+    started: float = field(default_factory=time.monotonic)
+    ack_deadline: float | None = None
+
+
+class KVSender:
+    def __init__(self, peer: str, address: tuple[str, int], on_result: ResultCallback,
+                 link_gbps: float | None = None, timeout_s: float = 30.0) -> None:
+        self.peer, self.address = peer, address
+        self.on_result = on_result
+        self.limiter = RateLimiter(link_gbps)
+        self.bandwidth = BandwidthEstimator(link_gbps * 1e9 / 8 if link_gbps else 1e9)
+        self.timeout_s = timeout_s
+        self._jobs: queue.Queue = queue.Queue()
+        self._inflight: dict[str, _Outgoing] = {}
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._closed = False
+        threading.Thread(target=self._send_loop, name=f"kv-send-{peer}", daemon=True).start()
+
+    # ---- called from the prefill loop ------------------------------------------------------
+
+    def begin(self, request_id: str, spec: dict[str, Any], layout: ModelFingerprint, level: str,
+              num_tokens: int) -> None:
+        self._jobs.put(("begin", request_id, (spec, layout, level, num_tokens)))
+
+    def send_layer(self, request_id: str, layer_idx: int,
+                   gather: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """`gather` runs on the sender thread and returns the layer's (k, v) on CPU."""
+        self._jobs.put(("layer", request_id, (layer_idx, gather)))
+
+    def done(self, request_id: str, first_token: int, events: dict[str, float]) -> None:
+        self._jobs.put(("done", request_id, (first_token, events)))
+
+    def abort(self, request_id: str, reason: str) -> None:
+        self._jobs.put(("abort", request_id, reason))
+
+    def close(self) -> None:
+        self._closed = True
+        self._jobs.put(None)
+        self._drop_connection("channel closed")
+
+    # ---- sender thread ---------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            kind, rid, arg = job
+            with self._lock:
+                out = self._inflight.get(rid)
+            if kind != "begin" and out is None:
+                continue  # the request already failed (or was aborted); drop its remaining jobs
+            try:
+                self._handle(kind, rid, arg, out)
+            except (OSError, ChannelError, ValueError) as exc:
+                reason = f"KV transfer to {self.peer} failed: {exc}"
+                if isinstance(exc, (OSError, ChannelError)):
+                    self._drop_connection(reason)
+                else:
+                    self._fail(rid, reason)
+
+    def _handle(self, kind: str, rid: str, arg: Any, out: _Outgoing | None) -> None:
+        if kind == "begin":
+            spec, layout, level, num_tokens = arg
+            out = _Outgoing(LayerPacker(layout, level, num_tokens))
+            with self._lock:
+                self._inflight[rid] = out
+            self._send({"type": "begin", "id": rid, "spec": spec, "layout": layout.to_dict(),
+                        "level": level, "num_tokens": num_tokens}, out.packer.stream_header())
+        elif kind == "layer":
+            layer_idx, gather = arg
+            k, v = gather()
+            body = out.packer.pack(layer_idx, k, v)
+            out.bytes_raw += k.numel() * k.element_size() * 2
+            out.bytes_wire += len(body)
+            self.limiter.acquire(len(body))
+            self._send({"type": "layer", "id": rid, "layer": layer_idx}, body)
+        elif kind == "done":
+            first_token, events = arg
+            out.ack_deadline = time.monotonic() + self.timeout_s
+            self._send({"type": "done", "id": rid, "first_token": first_token, "events": events})
+        elif kind == "abort":
+            self._send({"type": "abort", "id": rid, "reason": arg})
+            with self._lock:
+                self._inflight.pop(rid, None)
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.create_connection(self.address, timeout=self.timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+            self._sock = sock
+            threading.Thread(target=self._ack_loop, args=(sock,), name=f"kv-ack-{self.peer}", daemon=True).start()
+        return self._sock
+
+    def _send(self, header: dict[str, Any], body: bytes | memoryview = b"") -> None:
+        send_frame(self._connect(), header, body)
+
+    # ---- ack thread ------------------------------------------------------------------------
+
+    def _ack_loop(self, sock: socket.socket) -> None:
+        try:
+            while self._sock is sock:
+                ready, _, _ = select.select([sock], [], [], 0.2)
+                if not ready:
+                    self._expire_overdue()
+                    continue
+                header, _ = recv_frame(sock)
+                rid = header.get("id")
+                with self._lock:
+                    out = self._inflight.pop(rid, None)
+                if out is None:
+                    continue
+                if header.get("type") == "ack":
+                    elapsed = time.monotonic() - out.started
+                    self.bandwidth.observe(out.bytes_wire, elapsed)
+                    self.on_result(rid, True, None, {"kv_bytes_raw": out.bytes_raw, "kv_bytes_wire": out.bytes_wire})
+                else:
+                    self.on_result(rid, False, f"{self.peer} refused the KV: {header.get('reason')}", {})
+        except (OSError, ValueError, ChannelError) as exc:
+            if self._sock is sock:
+                self._drop_connection(f"KV channel to {self.peer} broke: {exc}")
+
+    def _expire_overdue(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            overdue = [rid for rid, o in self._inflight.items() if o.ack_deadline and now > o.ack_deadline]
+        for rid in overdue:
+            self._fail(rid, f"no ack from {self.peer} within {self.timeout_s:.0f} s")
+
+    def _fail(self, rid: str, reason: str) -> None:
+        with self._lock:
+            out = self._inflight.pop(rid, None)
+        if out is not None:
+            self.on_result(rid, False, reason, {})
+
+    def _drop_connection(self, reason: str) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        with self._lock:
+            failed = list(self._inflight)
+            self._inflight.clear()
+        for rid in failed:
+            self.on_result(rid, False, reason, {})
