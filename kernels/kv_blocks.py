@@ -33,7 +33,8 @@ _BLOCK = 4096
 
 @triton.jit
 def _kv_blocks_copy_kernel(
-    k_cache_ptr, v_cache_ptr, k_ptr, v_ptr, block_ids_ptr, num_tokens,
+    k_cache_ptr, v_cache_ptr, k_ptr, v_ptr, block_ids_ptr,
+    num_elems,                   # num_tokens * TOKEN_ELEMS, a host int (i64 when it needs to be)
     TOKEN_ELEMS: tl.constexpr,   # num_kv_heads * head_dim
     PAGE_ELEMS: tl.constexpr,    # block_size * TOKEN_ELEMS
     BLOCK: tl.constexpr,
@@ -44,7 +45,7 @@ def _kv_blocks_copy_kernel(
     page = tl.load(block_ids_ptr + page_idx).to(tl.int64)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)                       # within the page
     first = page_idx.to(tl.int64) * PAGE_ELEMS                       # flat offset in k/v
-    valid = num_tokens.to(tl.int64) * TOKEN_ELEMS - first            # elements left in k/v
+    valid = num_elems - first                                        # elements left in k/v
     mask = (offs < PAGE_ELEMS) & (offs < valid)
     cache_off = page * PAGE_ELEMS + offs
     flat_off = first + offs
@@ -78,7 +79,7 @@ def _launch(k_cache, v_cache, k, v, block_ids, num_tokens: int, to_cache: bool) 
     num_pages = triton.cdiv(num_tokens, block_size)
     grid = (num_pages, triton.cdiv(page_elems, _BLOCK))
     _kv_blocks_copy_kernel[grid](
-        k_cache, v_cache, k, v, block_ids, num_tokens,
+        k_cache, v_cache, k, v, block_ids, num_tokens * token_elems,
         TOKEN_ELEMS=token_elems, PAGE_ELEMS=page_elems, BLOCK=_BLOCK, TO_CACHE=to_cache,
         num_warps=8,
     )

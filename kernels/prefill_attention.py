@@ -86,7 +86,8 @@ def _prefill_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    # heaviest (last, most keys) query tiles are scheduled first: less tail under the causal mask
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -173,11 +174,14 @@ def prefill_attention(
     if max_q_len == 0:
         return out
     head_dim_pad = triton.next_power_of_2(head_dim)
+    # H200 sweep (docs/kernels.md): 128x128 tiles, 8 warps for long queries; 64x64, 4 warps
+    # once a query has under ~2K tokens (more programs, less causal waste per tile)
+    long_q = max_q_len >= 2048 and head_dim_pad <= 128
     if block_m is None:
-        block_m = 128 if head_dim_pad <= 128 else 64
+        block_m = 128 if long_q else 64
         block_m = min(block_m, max(16, triton.next_power_of_2(max_q_len)))
     if block_n is None:
-        block_n = 64
+        block_n = 128 if long_q else 64
     if num_warps is None:
         num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
     grid = (triton.cdiv(max_q_len, block_m), num_seqs, num_q_heads)
