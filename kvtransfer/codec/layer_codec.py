@@ -141,6 +141,8 @@ def _groups(a: np.ndarray, mode: str) -> tuple[np.ndarray, tuple[int, int, int]]
         return a.reshape(t, hh * d).T, (1, hh, d)
     if mode == "token_head":
         return a.reshape(t * hh, d), (t, hh, 1)
+    if mode == "head":
+        return a.transpose(1, 0, 2).reshape(hh, t * d), (1, hh, 1)
     return a.reshape(t, hh * d), (t, 1, 1)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from kvtransfer.codec.errors import CodecError
 
 KINDS = ("raw", "lossless", "zstd", "quant")
-SCALE_MODES = ("channel", "token_head", "token")     # group a scale is shared by
+SCALE_MODES = ("channel", "token_head", "token", "head")  # group a scale is shared by
 STAT_MODES = ("meanabs", "absmax")                   # how a group's scale is measured
 TABLE_MODES = ("head", "channel_cdf16")              # one rANS table per head / per channel
 
