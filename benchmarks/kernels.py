@@ -102,16 +102,16 @@ def decode_case(batch: int, ctx: int, **kw) -> dict:
             "eager_GBps": (kv_bytes + io_bytes) / e_ms / 1e6, "config": {k: v for k, v in kw.items()}}
 
 
-def store_case(num_tokens: int = 16384) -> dict:
+def store_case(num_tokens: int = 16384, **kw) -> dict:
     k = torch.randn(num_tokens, HKV, D, dtype=DT, device="cuda")
     v = torch.randn_like(k)
     num_blocks = 4 * num_tokens // BS
     kc = torch.empty(num_blocks, BS, HKV, D, dtype=DT, device="cuda")
     vc = torch.empty_like(kc)
     slots = torch.randperm(num_blocks * BS, device="cuda")[:num_tokens]
-    ms = bench(lambda: store_kv(k, v, kc, vc, slots))
+    ms = bench(lambda: store_kv(k, v, kc, vc, slots, **kw))
     nbytes = 2 * 2 * k.numel() * 2
-    return {"num_tokens": num_tokens, "ms": ms, "GBps": nbytes / ms / 1e6}
+    return {"num_tokens": num_tokens, "ms": ms, "GBps": nbytes / ms / 1e6, "config": dict(kw)}
 
 
 def blocks_case(num_tokens: int = 32768) -> dict:
@@ -233,6 +233,10 @@ def main() -> None:
                       flush=True)
 
     result["store_kv"] = store_case()
+    if args.sweep:
+        result["store_kv_sweep"] = [store_case(tokens_per_program=t) for t in (1, 2, 8, 16)]
+        for r in result["store_kv_sweep"]:
+            print(f"sweep store_kv {r['config']}: {r['GBps']:.0f} GB/s", flush=True)
     result["kv_blocks"] = blocks_case()
     prefill_cases = [("1x4096", [(4096, 4096)]), ("8x512", [(512, 512)] * 8),
                      ("chunk512+3584", [(512, 4096)])]

@@ -25,7 +25,10 @@ def _packed(shapes, num_q_heads, num_kv_heads, head_dim, block_size, dtype, devi
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_matches_reference(device, group: int, block_size: int) -> None:
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    else:  # the interpreter is slow: fp16 once (bf16 dots are wrong there, see conftest TOL note)
+        dtypes = [torch.float32] + ([torch.float16] if group == 4 and block_size == 16 else [])
     for dtype in dtypes:
         q, kc, vc, bt, qsl, cl = _packed(SHAPES, 2 * group, 2, 64, block_size, dtype, device)
         out = prefill_attention(q, kc, vc, bt, qsl, cl, 0.125, block_m=32, block_n=16)
