@@ -44,6 +44,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler: Scheduler = SCHEDULERS[policy](scheduler_config_for(model_config, config), self.blocks)
         self._ids = itertools.count()
+        self.num_steps = 0  # steps that ran a batch
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         # Lifecycle events for whoever drives this engine (the cluster front end); plain dicts.
         self.emit: Callable[[dict[str, Any]], None] = emit or (lambda event: None)
@@ -95,6 +96,7 @@ class LLMEngine:
         batch = self.scheduler.schedule(self.clock())
         if batch.is_empty:
             return []
+        self.num_steps += 1
         self._on_scheduled(batch)
         tokens = self.runner.execute(batch, self._layer_hook(batch))
         return self._update(batch, tokens, self.clock())
