@@ -13,6 +13,7 @@ Kinds:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -143,12 +144,15 @@ _BANDS = ((0.125, 0.5), (1.0, 1.0))
 
 register_level(LevelConfig("raw", "raw", expected_bits=16.0, lossy=False))
 register_level(LevelConfig("lossless", "lossless", expected_bits=13.5, lossy=False))
+# Keys carry the attention logits and are what the quality hinges on: measured on SmolLM2
+# (docs/codec.md), one key scale per head beats per-channel scales at equal bits, and values
+# tolerate steps ~7x coarser than keys.
 register_level(LevelConfig("int8", "quant", expected_bits=6.5, alpha_k=1 / 24, alpha_v=1 / 24,
                            max_q=127, num_sink=1, layer_bands=((1.0, 1.0),)))
-register_level(LevelConfig("default", "quant", expected_bits=3.2, alpha_k=0.5, alpha_v=0.5,
-                           max_q=31, num_sink=4, num_recent=16, layer_bands=_BANDS))
-register_level(LevelConfig("aggressive", "quant", expected_bits=2.2, alpha_k=1.0, alpha_v=1.0,
-                           max_q=31, num_sink=4, num_recent=0, layer_bands=_BANDS))
+register_level(LevelConfig("default", "quant", expected_bits=3.4, alpha_k=0.27, alpha_v=2.0,
+                           k_scale="head", max_q=31, num_sink=4, num_recent=8, layer_bands=_BANDS))
+register_level(LevelConfig("aggressive", "quant", expected_bits=2.35, alpha_k=0.65, alpha_v=3.0,
+                           k_scale="head", max_q=31, num_sink=4, num_recent=0, layer_bands=_BANDS))
 register_level(LevelConfig("zstd", "zstd", expected_bits=15.0, lossy=False))
 
 
@@ -162,4 +166,5 @@ def _cachegen(chunk_tokens: int) -> LevelConfig:
 
 
 register_level(_cachegen(256))
+register_level(dataclasses.replace(_cachegen(256), name="cachegen"))
 register_level(_cachegen(2048))
