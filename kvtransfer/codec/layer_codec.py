@@ -239,7 +239,8 @@ def _decode_quant(h: StreamHeader, payloads: list[dict[str, Any]]) -> list[Layer
                 scale = _scales_parse(h, sec, tq, mode, what)
                 step, _ = quant.steps_from_scales(scale, alpha * band)
                 s = syms[2 * j + t].reshape(tq, hh, d)
-                xq = torch.from_numpy(quant.dequantize(s, step, cfg.max_q)).to(dt)
+                lim = float(torch.finfo(dt).max)  # a step past the dtype's range must not become inf
+                xq = torch.from_numpy(np.clip(quant.dequantize(s, step, cfg.max_q), -lim, lim)).to(dt)
                 qints = _np_int(xq).reshape(-1).copy()
                 idx_raw = field_bytes(sec, "esc_idx", what)
                 val_raw = field_bytes(sec, "esc_val", what)

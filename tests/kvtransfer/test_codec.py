@@ -45,7 +45,7 @@ def test_lossless_compresses_bf16_kv():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("level,max_rel", [("int8", 0.02), ("default", 0.35), ("aggressive", 0.7),
+@pytest.mark.parametrize("level,max_rel", [("int8", 0.02), ("default", 0.45), ("aggressive", 0.9),
                                            ("cachegen256", 0.2)])
 def test_lossy_levels_bound_error_and_keep_exact_tokens(dtype, level, max_rel):
     layers = _kv(t=64, dtype=dtype)
@@ -128,9 +128,10 @@ def test_corruption_and_truncation_raise_codec_error(level):
 
 
 def test_payload_tampering_behind_a_valid_crc_is_caught():
-    s = encode_request(_kv(), "default")
+    s = encode_request(_kv(t=300), "default")
     _, hbytes, secs = split_stream(s)
     payload = msgpack.unpackb(secs[0][10:])
+    assert "rans" in payload["k"]["seg"]
     words = bytearray(payload["k"]["seg"]["rans"][2])
     words[len(words) // 2] ^= 0xFF
     payload["k"]["seg"]["rans"][2] = bytes(words)
@@ -184,3 +185,10 @@ def test_exact_scale_codes_are_order_free():
     s = quant.decode_codes(quant.meanabs_codes(g))
     mean = np.abs(g).mean(1)
     assert np.all((s / mean > 0.9) & (s / mean < 1.1))
+
+
+def test_values_near_the_dtype_limit_stay_finite():
+    k = torch.tensor([[[46240.0, -8800.0, -65376.0]]] * 20, dtype=torch.float16)
+    for level in ("int8", "default", "aggressive"):
+        _, got = decode_request(encode_request([(k, k)], level, token_start=50))
+        assert bool(torch.isfinite(got[0][0]).all()) and bool(torch.isfinite(got[0][1]).all())
