@@ -45,12 +45,12 @@ def start_ray(config: ClusterConfig, num_instances: int) -> None:
              log_to_driver=True, configure_logging=False)
 
 
-def _check_resources(config: ClusterConfig, plans: list[InstancePlan]) -> None:
-    import ray
+def check_gpus(config: ClusterConfig, available_gpus: int) -> None:
+    """Refuse a config that needs more GPUs than the Ray cluster has."""
     if config.device != "cuda":
         return
-    need = sum(p.tp for p in plans)
-    have = int(ray.cluster_resources().get("GPU", 0))
+    need = sum(p.tp for p in plan_instances(config))
+    have = available_gpus
     if need > have:
         raise ConfigError(f"prefill/decode: the config needs {need} GPUs (instances x tp) but the Ray cluster "
                           f"has {have}; lower prefill.instances, decode.instances or their tp")
@@ -86,7 +86,7 @@ def launch(config: ClusterConfig, ready_timeout_s: float = 300.0) -> tuple[RayIn
     plans = plan_instances(config)
     # 1. Ray: the one given by RAY_ADDRESS (ray job submit), else a local one.
     start_ray(config, len(plans))
-    _check_resources(config, plans)
+    check_gpus(config, int(ray.cluster_resources().get("GPU", 0)))
     # 2. Build the model cache once, before many actors race to build it.
     config.model.source.directory
     # 3. Placement groups, then one actor per instance in its group.
