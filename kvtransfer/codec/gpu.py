@@ -123,7 +123,8 @@ def encode_device(h: StreamHeader, kv: Tensor, first_layer: int = 0) -> DeviceEn
             sy = quantize(xq.reshape(nl, tq, hh * d), inv, gdiv, gmod, cfg.max_q)
             sym_parts.append(sy)
             for i in range(nl):
-                side[2 * i + j] = {"scale_base": base[i, 0], "scales": rel[i].to(torch.uint8), "lo": lo, "hi": hi}
+                side[2 * i + j] = {"scale_base": base[i, 0], "scales": rel[i].to(torch.uint8), "lo": lo, "hi": hi,
+                                   "step": step[i]}
         syms = torch.stack(sym_parts, 1).reshape(nl * 2, n)
         a = cfg.alphabet
         nt, tdiv, tmod = (hh, d, hh) if cfg.table == "head" else (hh * d, 1, hh * d)
@@ -203,3 +204,21 @@ def decode_device(h: StreamHeader, enc: DeviceEncoded, steps: Tensor | None = No
     if not bool((fin_x == rans.RANS_L).all()) or not bool((fin_p == stop).all()):
         raise CodecError("GPU rANS decode did not end cleanly (corrupt stream)")
     return syms
+
+
+def decode_full(h: StreamHeader, enc: DeviceEncoded, dtype: torch.dtype) -> Tensor:
+    """rANS decode + lane check + dequantize, on the device: [S, n] values (escapes and exact
+    tokens are scattered in afterwards by the caller; they are a tiny fraction)."""
+    from kernels.codec_quantize import dequantize
+    syms = decode_device(h, enc)
+    cfg = h.level
+    if cfg.kind != "quant" or not enc.n:
+        return syms
+    m = h.model
+    tq = enc.n // (m.num_kv_heads * m.head_dim)
+    outs = []
+    for j, mode in enumerate((cfg.k_scale, cfg.v_scale)):
+        g, gdiv, gmod = _group_layout(mode, tq, m.num_kv_heads, m.head_dim)
+        steps = torch.stack([enc.side[s]["step"] for s in range(j, enc.num_segments, 2)])
+        outs.append(dequantize(syms[j::2].contiguous(), steps, gdiv, gmod, cfg.max_q, dtype))
+    return torch.stack(outs, 1)
