@@ -174,19 +174,16 @@ class Frontend:
         for t in self.requests.values():
             if t.done or name not in (t.prefill, t.decode):
                 continue
-            if t.first_token_s is None:
+            if name == t.decode and t.state in ("prefill", "transfer"):
+                continue  # its prefill instance finds the channel broken and retries the transfer
+            if t.first_token_s is None and t.retries < self.max_retries:
                 # nothing reached the client yet: run it again elsewhere
-                if t.retries < self.max_retries:
-                    t.retries += 1
-                    t.state, t.prefill, t.decode = "pending", None, None
-                    t.events = {}
-                    self.pending.appendleft(t.request.request_id)
-                    continue
-                self._end(t, "failed", f"instance {name} died ({reason}) and retries ran out")
-            elif t.state == "transfer" and name == t.decode:
-                continue  # the prefill side reports the broken channel and the transfer is retried
-            else:
-                self._end(t, "failed", f"instance {name} died mid-request: {reason}")
+                t.retries += 1
+                t.state, t.prefill, t.decode = "pending", None, None
+                t.events = {}
+                self.pending.appendleft(t.request.request_id)
+                continue
+            self._end(t, "failed", f"instance {name} died mid-request: {reason}")
 
     def _end(self, t: Tracked, state: str, reason: str | None) -> None:
         t.state, t.reason = state, reason
