@@ -1,24 +1,31 @@
 """Decode steps replayed from CUDA graphs.
 
-A decode step of a 8B model is ~350 kernel launches of a few microseconds of work each; issued
-from Python (and Triton's launcher) they cost more than the step's HBM time. So decode-only
-steps run from graphs captured per (padded batch size, block-table width bucket):
+A decode step of an 8B model is ~420 kernel launches of a few microseconds of work each;
+issued from Python (and Triton's launcher, ~100 us a call) they cost more than the step's HBM
+time. So decode-only steps run from graphs captured per (padded batch size, table width):
 
-    prepare (host, numpy) -> copy into static pinned/device buffers -> graph.replay() -> logits
+    host inputs -> two pinned staging buffers -> two H2D copies -> graph.replay()
+                -> logits [b, vocab] float32 and their argmax [b] (greedy rows need no sampler)
 
 - Batch sizes pad up to `BATCH_BUCKETS`; padded rows have slot -1 (store_kv skips them) and
   context 0 (attention returns 0), so they touch no KV.
 - Block tables pad to a power-of-two width (>= 16 blocks). The decode kernel sizes its
-  partitions from that width, a host-side number, so each graph's launch is fixed.
+  partitions from that width, a host-side number, so each graph's launches are fixed.
+- Staging: int64 [3, max_batch] (ids, positions, slots) and, per width, int32
+  [max_batch + max_batch * width] (context lens, then the table). A table row is rewritten only
+  from the first entry not yet staged: block tables only grow in place or are replaced by a new
+  list (BlockManager.ensure_capacity, Scheduler._release), so (list identity, length staged)
+  says what is already there; the list is kept referenced so its identity cannot be reused.
+- The pinned buffers are rewritten at the next step's `stage`; the runner has synced by then
+  (each step's tokens go back to the host), so no copy from them is still in flight.
 - Graphs are captured lazily, on a bucket's first use, and share one memory pool: steps never
-  overlap, and each graph's only live output (its logits buffer) is kept referenced.
+  overlap, and each graph's live outputs are kept referenced.
 """
 
 from __future__ import annotations
 
 import bisect
 
-import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, AttentionOps
@@ -37,22 +44,42 @@ def width_bucket(num_blocks: int) -> int:
     return max(MIN_TABLE_WIDTH, 1 << max(0, num_blocks - 1).bit_length())
 
 
+class _TableStage:
+    """Pinned + device int32 [max_batch + max_batch * width]: context lens, then block tables."""
+
+    def __init__(self, max_batch: int, width: int, device: torch.device) -> None:
+        self.width = width
+        self.host = torch.zeros(max_batch * (1 + width), dtype=torch.int32).pin_memory()
+        self.dev = torch.zeros_like(self.host, device=device)
+        self.host_ctx = self.host[:max_batch].numpy()
+        self.host_rows = self.host[max_batch:].view(max_batch, width).numpy()
+        self.dev_ctx = self.dev[:max_batch]
+        self.dev_rows = self.dev[max_batch:].view(max_batch, width)
+        self.staged: list[tuple[list[int] | None, int]] = [(None, 0)] * max_batch
+
+    def write_rows(self, block_tables: list[list[int]]) -> None:
+        for i, row in enumerate(block_tables):
+            src, done = self.staged[i]
+            if src is not row or done > len(row):
+                done = 0
+            if done < len(row):
+                self.host_rows[i, done:len(row)] = row[done:]
+                self.staged[i] = (row, len(row))
+
+
 class DecodeGraphs:
-    """Owns the static input buffers and the captured graphs of one model runner."""
+    """Owns the staging buffers and the captured graphs of one model runner."""
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, attn_ops: AttentionOps,
                  max_num_seqs: int, device: torch.device) -> None:
         self.model, self.kv_cache, self.attn_ops, self.device = model, kv_cache, attn_ops, device
         self.max_batch = batch_bucket(min(max_num_seqs, BATCH_BUCKETS[-1]))
-        b = self.max_batch
-        # host staging (pinned, so the copies are async DMA) and device inputs, [max_batch]
-        self._host = {name: torch.zeros(b, dtype=dt).pin_memory() for name, dt in
-                      (("ids", torch.int64), ("pos", torch.int64), ("slots", torch.int64), ("ctx", torch.int32))}
-        self._dev = {name: torch.zeros(b, dtype=t.dtype, device=device) for name, t in self._host.items()}
-        self._dev["slots"].fill_(-1)
-        self._host_tables: dict[int, torch.Tensor] = {}   # width -> pinned int32 [max_batch, width]
-        self._dev_tables: dict[int, torch.Tensor] = {}    # width -> int32 [max_batch, width]
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # int64 [3, max_batch]: input ids, positions, slot mapping
+        self._host64 = torch.zeros(3, self.max_batch, dtype=torch.int64).pin_memory()
+        self._dev64 = torch.zeros_like(self._host64, device=device)
+        self._dev64[2].fill_(-1)
+        self._tables: dict[int, _TableStage] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
 
     def can_run(self, num_seqs: int) -> bool:
@@ -62,53 +89,65 @@ class DecodeGraphs:
     def captured(self) -> list[tuple[int, int]]:
         return sorted(self._graphs)
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
-        """One decode step; returns logits [num_seqs, vocab] float32 (a view valid until the
-        next step)."""
+    @torch.inference_mode()
+    def stage(self, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+              block_tables: list[list[int]]) -> tuple[int, int]:
+        """Write one step's inputs into the device buffers (async copies); returns its bucket."""
         n = len(ids)
         b = batch_bucket(n)
-        w = width_bucket(max(len(t) for t in block_tables))
-        host = {k: v.numpy() for k, v in self._host.items()}
-        host["ids"][:n], host["pos"][:n], host["slots"][:n], host["ctx"][:n] = ids, positions, slots, context_lens
-        host["ids"][n:b], host["pos"][n:b], host["slots"][n:b], host["ctx"][n:b] = 0, 0, -1, 0
-        table = self._tables(w)[0].numpy()
-        for i, row in enumerate(block_tables):
-            table[i, :len(row)] = row
-        for k in self._dev:
-            self._dev[k][:b].copy_(self._host[k][:b], non_blocking=True)
-        host_t, dev_t = self._tables(w)
-        dev_t[:b].copy_(host_t[:b], non_blocking=True)
-        graph, logits = self._graphs.get((b, w)) or self._capture(b, w)
+        table = self._table(width_bucket(max(len(t) for t in block_tables)))
+        h64 = self._host64.numpy()
+        h64[0, :n], h64[1, :n], h64[2, :n] = ids, positions, slots
+        h64[0, n:b], h64[1, n:b], h64[2, n:b] = 0, 0, -1
+        table.host_ctx[:n] = context_lens
+        table.host_ctx[n:b] = 0
+        table.write_rows(block_tables)
+        self._dev64[:, :b].copy_(self._host64[:, :b], non_blocking=True)
+        used = self.max_batch + b * table.width   # context lens, then the first b rows
+        table.dev[:used].copy_(table.host[:used], non_blocking=True)
+        return b, table.width
+
+    @torch.inference_mode()
+    def run(self, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+            block_tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step: (logits [n, vocab] float32, argmax [n] int64), views valid until
+        the next step."""
+        n = len(ids)
+        key = self.stage(ids, positions, slots, context_lens, block_tables)
+        graph, logits, argmax = self._graphs.get(key) or self._capture(*key)
         graph.replay()
-        return logits[:n]
+        return logits[:n], argmax[:n]
 
-    def _tables(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if width not in self._dev_tables:
-            self._host_tables[width] = torch.zeros(self.max_batch, width, dtype=torch.int32).pin_memory()
-            self._dev_tables[width] = torch.zeros(self.max_batch, width, dtype=torch.int32, device=self.device)
-        return self._host_tables[width], self._dev_tables[width]
+    def _table(self, width: int) -> _TableStage:
+        if width not in self._tables:
+            self._tables[width] = _TableStage(self.max_batch, width, self.device)
+        return self._tables[width]
 
-    def _capture(self, b: int, w: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        dev = self.device
+    def _capture(self, b: int, w: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        dev, table = self.device, self._table(w)
         meta = AttentionMetadata(
-            slot_mapping=self._dev["slots"][:b], num_prefill_tokens=0,
+            slot_mapping=self._dev64[2, :b], num_prefill_tokens=0,
             prefill_block_tables=torch.zeros(0, 1, dtype=torch.int32, device=dev),
             prefill_query_start_loc=torch.zeros(1, dtype=torch.int32, device=dev),
             prefill_context_lens=torch.zeros(0, dtype=torch.int32, device=dev), max_prefill_q_len=0,
-            decode_block_tables=self._tables(w)[1][:b], decode_context_lens=self._dev["ctx"][:b])
+            decode_block_tables=table.dev_rows[:b], decode_context_lens=table.dev_ctx[:b])
         ctx = ForwardContext(meta, self.kv_cache, self.attn_ops)
-        ids, pos = self._dev["ids"][:b], self._dev["pos"][:b]
-        # The inputs hold this step's values; running them eagerly first (Triton compiles,
-        # cuBLAS picks its kernels) is a real step whose KV writes are the same as the replay's.
+        ids, pos = self._dev64[0, :b], self._dev64[1, :b]
+
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.model.compute_logits(self.model(ids, pos, ctx))
+            return logits, logits.argmax(dim=-1)
+
+        # The buffers hold this step's inputs; running them eagerly first (Triton compiles,
+        # cuBLAS picks its kernels) is a real step whose KV writes equal the replay's.
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
-            self.model.compute_logits(self.model(ids, pos, ctx))
+            step()
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.model.compute_logits(self.model(ids, pos, ctx))
+            logits, argmax = step()
         self._pool = graph.pool()
-        self._graphs[(b, w)] = (graph, logits)
-        return graph, logits
+        self._graphs[(b, w)] = (graph, logits, argmax)
+        return graph, logits, argmax

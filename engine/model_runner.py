@@ -23,6 +23,7 @@ from engine.model import ForwardContext, LlamaForCausalLM
 from engine.request import Request
 from engine.sampler import sample
 from engine.scheduler import ScheduledBatch, ScheduledSeq
+from engine.tensor_parallel import TPGroup, apply_tp
 
 
 def token_slice(req: Request, start: int, n: int) -> list[int]:
@@ -37,8 +38,9 @@ def token_slice(req: Request, start: int, n: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig,
-                 weights: dict[str, torch.Tensor] | None = None) -> None:
+                 weights: dict[str, torch.Tensor] | None = None, tp: TPGroup | None = None) -> None:
         self.model_config = model_config
+        self.tp = tp
         self.config = engine_config
         self.device = torch.device(engine_config.device)
         self.dtype = engine_config.dtype
@@ -49,15 +51,20 @@ class ModelRunner:
             self.model.init_dummy_weights()
         else:
             self.model.load_hf_weights(weights)
+        if tp is not None and tp.size > 1:
+            apply_tp(self.model, tp)
         self.model.eval()
         self.ops = get_attention_ops(engine_config.attention_backend, self.device)
-        spec = KVCacheSpec(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim,
+        local_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        spec = KVCacheSpec(model_config.num_layers, local_kv_heads, model_config.head_dim,
                            engine_config.block_size, 1, self.dtype)
         num_blocks = engine_config.num_blocks or self._blocks_that_fit(spec)
+        if tp is not None and tp.size > 1:
+            num_blocks = tp.agree_min(num_blocks)  # one block table drives every rank
         self.kv_cache = KVCache(KVCacheSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim,
                                             spec.block_size, num_blocks, spec.dtype), self.device)
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and engine_config.use_cuda_graphs:
+        if self.device.type == "cuda" and engine_config.use_cuda_graphs and (tp is None or tp.size == 1):
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.ops, engine_config.max_num_seqs, self.device)
 
     def _blocks_that_fit(self, spec: KVCacheSpec) -> int:
@@ -120,11 +127,17 @@ class ModelRunner:
         )
         return torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), meta
 
-    def _decode_logits_from_graph(self, batch: ScheduledBatch) -> torch.Tensor:
-        assert self.graphs is not None
-        ids, positions, slots = self._host_inputs(batch.decodes)
-        return self.graphs.run(ids, positions, slots, [s.start + 1 for s in batch.decodes],
-                               [s.request.block_table for s in batch.decodes])
+    def decode_graph_inputs(self, batch: ScheduledBatch) -> tuple[list[int], ...]:
+        """(ids, positions, slots, context lens, block tables) of a decode-only batch."""
+        bs = self.config.block_size
+        ids, positions, slots, tables = [], [], [], []
+        for s in batch.decodes:   # one token each: plain Python beats numpy per row here
+            req, pos = s.request, s.start
+            ids.append(token_slice(req, pos, 1)[0])
+            positions.append(pos)
+            slots.append(req.block_table[pos // bs] * bs + pos % bs)
+            tables.append(req.block_table)
+        return ids, positions, slots, [p + 1 for p in positions], tables
 
     def uses_graph(self, batch: ScheduledBatch, on_layer_done: Callable[[int], None] | None = None) -> bool:
         return (self.graphs is not None and not batch.prefills and on_layer_done is None
@@ -136,7 +149,10 @@ class ModelRunner:
         prefill chunk that does not reach the end of its prompt)."""
         seqs = batch.seqs
         if self.uses_graph(batch, on_layer_done):
-            logits = self._decode_logits_from_graph(batch)
+            assert self.graphs is not None
+            logits, argmax = self.graphs.run(*self.decode_graph_inputs(batch))
+            if all(s.request.params.greedy for s in seqs):
+                return argmax.tolist()   # what sample() would compute, minus a launch
         else:
             ids, positions, meta = self.prepare(batch)
             ctx = ForwardContext(meta, self.kv_cache, self.ops, on_layer_done)
