@@ -38,10 +38,10 @@ class Cluster:
     def in_process(cls, config: ClusterConfig) -> "Cluster":
         """Every instance in this process (no Ray): for tests and debugging."""
         instances = {p.name: Instance(p.role, config, p.name) for p in plan_instances(config)}
-        decode_addrs = {n: i.ready()["address"] for n, i in instances.items() if i.role == "decode"}
+        peers = {n: {"tp": 1, "addresses": [i.ready()["address"]]} for n, i in instances.items() if i.role == "decode"}
         for inst in instances.values():
             if inst.role == "prefill":
-                inst.connect(decode_addrs)
+                inst.connect(peers)
         return cls(config, InProcessPool(instances), {n: i.ready() for n, i in instances.items()})
 
     # ---- requests ------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ class Instance:
             info["address"] = self.worker.address
         return info
 
-    def connect(self, peers: dict[str, tuple[str, int]]) -> None:
+    def connect(self, peers: dict[str, dict[str, Any]]) -> None:
+        """peers: decode instance -> {"tp": d, "addresses": [(host, port) per rank]}."""
         worker = self.worker
         assert isinstance(worker, PrefillWorker)
         self.loop.call(lambda: worker.connect(peers)).result()
@@ -120,5 +121,4 @@ class Instance:
         if isinstance(self.worker, DecodeWorker):
             self.worker.close()
         if isinstance(self.worker, PrefillWorker):
-            for ch in self.worker.channels.values():
-                ch.close()
+            self.worker.close()

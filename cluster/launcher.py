@@ -116,6 +116,6 @@ def launch(config: ClusterConfig, ready_timeout_s: float = 300.0) -> tuple[RayIn
                 ray.kill(a)
             raise RuntimeError(f"instance {name} failed to start: {str(exc).splitlines()[-1]}") from exc
     # 5. Prefill instances open their KV channels to every decode instance.
-    peers = {n: tuple(i["address"]) for n, i in info.items() if i["role"] == "decode"}
+    peers = {n: {"tp": 1, "addresses": [tuple(i["address"])]} for n, i in info.items() if i["role"] == "decode"}
     ray.get([actors[n].connect.remote(peers) for n, i in info.items() if i["role"] == "prefill"])
     return RayInstancePool(actors, {p.name: p.role for p in plans}), info

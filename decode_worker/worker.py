@@ -1,17 +1,19 @@
-"""A decode instance's request story:
+"""A decode instance's request story (rank 0, which owns the scheduler):
 
-    channel `begin`: blocks reserved for the prompt's KV (waits for room up to the transfer
-                     timeout, then refuses; the prefill side retries elsewhere)
-    channel `layer`: each layer's K/V scattered into the reserved blocks as it arrives
-    channel `done`:  the request joins the running batch with its first token     KV_RECEIVED
+    KV frames land in host staging as they arrive, from every prefill rank that holds
+    heads this rank owns; the control channel adds the request and its first token
+    complete -> queued for admission                                           KV_RECEIVED
+    admission: blocks allocated (waits for room, up to the transfer timeout, then nack);
+      staged KV scattered into the blocks on every TP rank; the request joins running; ack
     decode steps (continuous batching with the other running requests)          DECODE_START
       -> a token per step, streamed as events -> stop: blocks freed                  FINISHED
-    transfer broken or aborted before `done`: the reservation is released.
+    a transfer that breaks or is aborted before admission leaves only staging, which is dropped.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,110 +23,126 @@ from engine.engine import LLMEngine
 from engine.request import LifecycleEvent
 from engine.request_spec import request_from_spec
 from engine.scheduler import ScheduledBatch
-from kernels.reference import scatter_kv_blocks
-from kvtransfer.codec import ModelFingerprint
-from kvtransfer.payload import layout_of
-from kvtransfer.receiver import KVReceiver, ReceiveHandler, TransferRefused
+from engine.tensor_parallel import kv_heads_of
+from kvtransfer.codec.format import dtype_name
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.staging import StagedRequest, StagingArea
 
 
 @dataclass
 class Reservation:
+    """A staged request being admitted: its blocks on this instance."""
     request_id: str
-    spec: dict[str, Any]
     num_tokens: int
-    block_ids: list[int]
     block_tensor: torch.Tensor
 
 
-class DecodeWorker(LLMEngine, ReceiveHandler):
+def scatter_heads(kv_cache: Any, layer: int, a: int, b: int, k: torch.Tensor, v: torch.Tensor,
+                  blocks: torch.Tensor) -> None:
+    """K/V [num_tokens, b - a, head_dim] -> local heads a:b of the request's pages."""
+    k_cache, v_cache = kv_cache.layer(layer)
+    block_size = k_cache.shape[1]
+    pos = torch.arange(k.shape[0], device=k_cache.device)
+    slots = blocks[pos // block_size] * block_size + pos % block_size
+    dev = k_cache.device
+    k_cache.view(-1, *k_cache.shape[2:])[slots, a:b] = k.to(dev, k_cache.dtype, non_blocking=True)
+    v_cache.view(-1, *v_cache.shape[2:])[slots, a:b] = v.to(dev, v_cache.dtype, non_blocking=True)
+
+
+class DecodeWorker(LLMEngine):
     def __init__(self, *args: Any, name: str = "decode-0", transfer_timeout_s: float = 30.0,
                  advertise_host: str = "127.0.0.1", **kwargs: Any) -> None:
         super().__init__(*args, policy="decode", **kwargs)
         self.name = name
         self.transfer_timeout_s = transfer_timeout_s
-        self.layout = layout_of(self.model_config.num_layers, self.model_config.num_kv_heads,
-                                self.model_config.head_dim, self.config.dtype)
-        self.reserved_blocks = 0
         self.loop: Any = None  # the ServingLoop that owns this worker; set by the instance shell
-        self.copy_stream = torch.cuda.Stream(self.runner.device) if self.runner.device.type == "cuda" else None
-        self.receiver = KVReceiver(self, advertise_host=advertise_host)
+        self.ready: deque[tuple[StagedRequest, float]] = deque()   # complete, waiting for blocks
+        tp = self.runner.tp
+        heads = kv_heads_of(0, tp.size if tp else 1, self.model_config.num_kv_heads)
+        self.staging = StagingArea(control=True, on_complete=self._on_complete, ttl_s=4 * transfer_timeout_s)
+        self.receiver = KVReceiver(self.staging, heads, self.model_config.head_dim, dtype_name(self.config.dtype),
+                                   advertise_host=advertise_host)
 
     @property
     def address(self) -> tuple[str, int]:
         return self.receiver.address
 
     def stats(self) -> dict[str, int]:
-        return {**super().stats(), "reserved_blocks": self.reserved_blocks}
+        return {**super().stats(), "staged": len(self.staging), "reserved_blocks": 0}
 
     def close(self) -> None:
         self.receiver.close()
 
-    # ---- ReceiveHandler (channel threads) --------------------------------------------------------
+    # ---- admission (loop thread) ---------------------------------------------------------------
 
-    def reserve(self, request_id: str, spec: dict[str, Any], layout: ModelFingerprint, num_tokens: int) -> Reservation:
-        if layout != self.layout:
-            raise TransferRefused(f"KV layout {layout.to_dict()} does not match this instance's {self.layout.to_dict()}")
-        limit = self.scheduler.config.max_model_len
-        if num_tokens >= limit:
-            raise TransferRefused(f"prompt of {num_tokens} tokens exceeds max_model_len {limit}")
-        deadline = time.monotonic() + self.transfer_timeout_s
-        while True:
-            blocks = self.loop.call(lambda: self._try_reserve(num_tokens)).result()
-            if blocks is not None:
-                break
-            if time.monotonic() > deadline:
-                raise TransferRefused(f"{self.name} had no room for {num_tokens} tokens within "
-                                      f"{self.transfer_timeout_s:.0f} s")
-            time.sleep(0.005)
-        device = self.runner.device
-        return Reservation(request_id, spec, num_tokens, blocks, torch.tensor(blocks, dtype=torch.int64, device=device))
+    def _on_complete(self, staged: StagedRequest) -> None:
+        """A channel thread saw the last frame land; admission happens on the loop thread."""
+        self.loop.call(lambda: self.ready.append((staged, time.monotonic())))
 
-    def write_layer(self, res: Reservation, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if tuple(k.shape) != (res.num_tokens, self.layout.num_kv_heads, self.layout.head_dim):
-            raise ValueError(f"layer {layer_idx} K has shape {tuple(k.shape)}, expected "
-                             f"{(res.num_tokens, self.layout.num_kv_heads, self.layout.head_dim)}")
-        k_cache, v_cache = self.runner.kv_cache.layer(layer_idx)
-        if self.copy_stream is None:
-            scatter_kv_blocks(k, v, k_cache, v_cache, res.block_tensor)
+    def step(self) -> list:
+        self._admit_ready()
+        return super().step()
+
+    def _admit_ready(self) -> None:
+        while self.ready:
+            staged, since = self.ready[0]
+            rid = staged.request_id
+            if not self.staging.contains(rid):   # aborted, or its channel broke
+                self.ready.popleft()
+                continue
+            need = self.blocks.blocks_for(staged.num_tokens + 1)
+            # keep a block per running request free so that decoding requests can grow
+            if self.blocks.num_free - need < len(self.scheduler.running):
+                if time.monotonic() - since <= self.transfer_timeout_s:
+                    return  # FIFO: wait for room
+                self.ready.popleft()
+                self.staging.pop(rid)
+                staged.reply(False, f"{self.name} had no room for {staged.num_tokens} tokens within "
+                                    f"{self.transfer_timeout_s:.0f} s")
+                continue
+            self.ready.popleft()
+            self.staging.pop(rid)
+            self._admit(staged, self.blocks.allocate(need))
+
+    def _admit(self, staged: StagedRequest, block_ids: list[int]) -> None:
+        res = Reservation(staged.request_id, staged.num_tokens,
+                          torch.tensor(block_ids, dtype=torch.int64, device=self.runner.device))
+        try:
+            for layer, a, b, k, v in staged.frames:
+                self.write_layer(res, layer, (a, b), k, v)
+            failed = self._admit_on_other_ranks(staged.request_id, block_ids)
+            if failed:
+                raise ValueError(f"TP ranks {failed} of {self.name} did not receive their KV heads in time")
+            if self.runner.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+        except (ValueError, RuntimeError) as exc:
+            self.blocks.free(block_ids)
+            staged.reply(False, f"bad KV for {staged.request_id}: {exc}")
             return
-        with torch.cuda.stream(self.copy_stream):
-            scatter_kv_blocks(k.pin_memory().to(k_cache.device, non_blocking=True),
-                              v.pin_memory().to(v_cache.device, non_blocking=True), k_cache, v_cache, res.block_tensor)
-
-    def admit(self, res: Reservation, first_token: int, events: dict[str, float]) -> None:
-        if self.copy_stream is not None:
-            self.copy_stream.synchronize()
-        self.loop.call(lambda: self._admit(res, first_token, events)).result()
-
-    def release(self, res: Reservation, reason: str) -> None:
-        self.loop.call(lambda: self._release(res))
-
-    # ---- loop thread -----------------------------------------------------------------------------
-
-    def _try_reserve(self, num_tokens: int) -> list[int] | None:
-        need = self.blocks.blocks_for(num_tokens + 1)
-        # keep a block per running request free so that decoding requests can grow
-        if self.blocks.num_free - need < len(self.scheduler.running):
-            return None
-        self.reserved_blocks += need
-        return self.blocks.allocate(need)
-
-    def _release(self, res: Reservation) -> None:
-        if res.block_ids:
-            self.blocks.free(res.block_ids)
-            self.reserved_blocks -= len(res.block_ids)
-            res.block_ids = []
-
-    def _admit(self, res: Reservation, first_token: int, events: dict[str, float]) -> None:
         now = self.clock()
-        req = request_from_spec({**res.spec, "events": events})
+        first_token, events = staged.done  # type: ignore[misc]
+        req = request_from_spec({**staged.spec, "events": events})  # type: ignore[dict-item]
         req.output_token_ids = [first_token]
-        req.num_computed_tokens = res.num_tokens
-        req.block_table, res.block_ids = res.block_ids, []
-        self.reserved_blocks -= len(req.block_table)
+        req.num_computed_tokens = staged.num_tokens
+        req.block_table = block_ids
         req.record(LifecycleEvent.KV_RECEIVED, now)
         self.scheduler.admit_running(req)
         self.emit({"id": req.request_id, "kind": "kv_received", "t": now})
+        staged.reply(True, None)
+
+    def write_layer(self, res: Reservation, layer_idx: int, heads: tuple[int, int], k: torch.Tensor,
+                    v: torch.Tensor) -> None:
+        """One staged frame into this rank's pages (a test seam for injected failures)."""
+        a, b = heads
+        if tuple(k.shape) != (res.num_tokens, b - a, self.model_config.head_dim):
+            raise ValueError(f"layer {layer_idx} K has shape {tuple(k.shape)}, expected "
+                             f"{(res.num_tokens, b - a, self.model_config.head_dim)}")
+        scatter_heads(self.runner.kv_cache, layer_idx, a, b, k, v, res.block_tensor)
+
+    def _admit_on_other_ranks(self, request_id: str, block_ids: list[int]) -> list[int]:
+        """TP > 1: the other ranks land their staged heads too; returns ranks that failed."""
+        admit = getattr(self.runner, "admit_on_followers", None)
+        return admit(request_id, block_ids) if admit is not None else []
 
     def _on_scheduled(self, batch: ScheduledBatch) -> None:
         super()._on_scheduled(batch)

@@ -1,57 +1,30 @@
-"""Decode side of the KV channels: a TCP server; one thread per connected prefill instance.
+"""Decode side of the KV channels: a TCP server on every decode rank, one thread per
+connected prefill rank, landing frames in a `StagingArea`.
 
-Per request: `begin` reserves blocks (the handler may wait for room, up to its timeout, and
-refuses with a reason after), `layer` frames land in those blocks as they arrive, `done`
-admits the request to decoding and is acked. A broken connection or an `abort` releases the
-reservation, so no block outlives a failed transfer.
+Per request and source: `begin` (layout of the head slice, codec header; on the control
+rank also the request itself), `layer` frames, then on the control channel `done` (first
+token). The decode worker admits complete requests and answers through `StagedRequest.reply`
+(ack/nack on the control connection). `abort` or a broken control connection drops the
+request's staging, so nothing outlives a failed transfer.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from abc import ABC, abstractmethod
 from typing import Any
 
 from kvtransfer.codec import ModelFingerprint
 from kvtransfer.frames import ChannelError, recv_frame, send_frame
 from kvtransfer.payload import LayerUnpacker
-
-
-class TransferRefused(Exception):
-    """The decode side cannot take this request (no room in time, shutting down, bad layout)."""
-
-
-class ReceiveHandler(ABC):
-    """What the decode worker does with incoming KV. Reservations are opaque to the channel."""
-
-    @abstractmethod
-    def reserve(self, request_id: str, spec: dict[str, Any], layout: ModelFingerprint, num_tokens: int) -> Any:
-        """Blocks for `num_tokens` (+ room to decode); raises TransferRefused."""
-
-    @abstractmethod
-    def write_layer(self, reservation: Any, layer_idx: int, k: Any, v: Any) -> None:
-        """Put one layer's K/V ([num_tokens, num_kv_heads, head_dim], CPU) into the reserved blocks."""
-
-    @abstractmethod
-    def admit(self, reservation: Any, first_token: int, events: dict[str, float]) -> None:
-        """Every layer has landed: start decoding."""
-
-    @abstractmethod
-    def release(self, reservation: Any, reason: str) -> None:
-        """The transfer failed or was aborted: free the reserved blocks."""
-
-
-class _Incoming:
-    def __init__(self, reservation: Any, unpacker: LayerUnpacker, num_layers: int) -> None:
-        self.reservation = reservation
-        self.unpacker = unpacker
-        self.layers_left = set(range(num_layers))
+from kvtransfer.staging import StagedRequest, StagingArea
 
 
 class KVReceiver:
-    def __init__(self, handler: ReceiveHandler, host: str = "0.0.0.0", advertise_host: str = "127.0.0.1") -> None:
-        self.handler = handler
+    def __init__(self, staging: StagingArea, heads: tuple[int, int], head_dim: int, dtype: str,
+                 host: str = "0.0.0.0", advertise_host: str = "127.0.0.1") -> None:
+        self.staging = staging
+        self.heads, self.head_dim, self.dtype = heads, head_dim, dtype
         self._server = socket.create_server((host, 0))
         self.address = (advertise_host, self._server.getsockname()[1])
         self._closed = False
@@ -75,76 +48,82 @@ class KVReceiver:
             threading.Thread(target=self._serve, args=(conn,), name="kv-recv", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        incoming: dict[str, _Incoming] = {}
-        refused: set[str] = set()
+        write_lock = threading.Lock()
+        unpackers: dict[str, tuple[LayerUnpacker, tuple[int, int]]] = {}
+        controlled: set[str] = set()   # requests whose control channel is this connection
+
+        def reply_fn(rid: str):
+            def reply(ok: bool, reason: str | None) -> None:
+                controlled.discard(rid)
+                try:
+                    with write_lock:
+                        send_frame(conn, {"type": "ack" if ok else "nack", "id": rid, "reason": reason})
+                except OSError:
+                    pass
+            return reply
+
+        def refuse(rid: str, reason: str) -> None:
+            unpackers.pop(rid, None)
+            staged = self.staging.pop(rid)
+            if rid in controlled or (staged and staged.reply):
+                reply_fn(rid)(False, reason)
+
         try:
             while not self._closed:
                 header, body = recv_frame(conn)
                 kind, rid = header.get("type"), header.get("id")
-                if rid in refused:
-                    if kind in ("done", "abort"):
-                        refused.discard(rid)
-                    continue
                 if kind == "begin":
-                    self._begin(conn, header, body, incoming, refused)
-                elif kind == "layer":
-                    self._layer(conn, header, body, incoming, refused)
-                elif kind == "done":
-                    inc = incoming.pop(rid, None)
-                    if inc is None:
-                        continue
-                    if inc.layers_left:
-                        self.handler.release(inc.reservation, "transfer ended with layers missing")
-                        send_frame(conn, {"type": "nack", "id": rid, "reason": f"layers {sorted(inc.layers_left)[:4]} missing"})
-                        continue
                     try:
-                        self.handler.admit(inc.reservation, int(header["first_token"]), header.get("events") or {})
-                    except TransferRefused as exc:
-                        send_frame(conn, {"type": "nack", "id": rid, "reason": str(exc)})
+                        lo, hi = header["heads"]
+                        if not (self.heads[0] <= lo < hi <= self.heads[1]):
+                            raise ValueError(f"heads [{lo}, {hi}) are not held here ({self.heads})")
+                        layout = ModelFingerprint(**header["layout"])
+                        if (layout.num_kv_heads, layout.head_dim, layout.dtype) != (hi - lo, self.head_dim, self.dtype):
+                            raise ValueError(f"KV layout {layout.to_dict()} does not match this rank "
+                                             f"(heads {lo}-{hi}, head_dim {self.head_dim}, {self.dtype})")
+                        num_tokens = int(header["num_tokens"])
+                        unpackers[rid] = (LayerUnpacker(layout, header["level"], num_tokens, bytes(body)), (lo, hi))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        refuse(rid, f"bad KV stream: {exc}")
                         continue
-                    send_frame(conn, {"type": "ack", "id": rid})
+                    expected = layout.num_layers * int(header["num_sources"])
+                    control = header.get("spec") is not None
+                    if control:
+                        controlled.add(rid)
+
+                    def on_begin(s: StagedRequest, h=header, n=num_tokens, e=expected, c=control, r=rid) -> None:
+                        s.num_tokens, s.expected_frames = n, e
+                        if c:
+                            s.spec, s.reply = h["spec"], reply_fn(r)
+                    self.staging.update(rid, on_begin)
+                elif kind == "layer":
+                    entry = unpackers.get(rid)
+                    if entry is None:
+                        continue
+                    unpacker, (lo, hi) = entry
+                    try:
+                        k, v = unpacker.unpack(body)
+                    except (ValueError, RuntimeError) as exc:   # corrupt section (CodecError)
+                        refuse(rid, f"bad KV layer {header.get('layer')}: {exc}")
+                        continue
+                    frame = (int(header["layer"]), lo - self.heads[0], hi - self.heads[0], k, v)
+                    self.staging.update(rid, lambda s, f=frame: s.frames.append(f))
+                elif kind == "done":
+                    unpackers.pop(rid, None)
+                    done = (int(header["first_token"]), header.get("events") or {})
+                    self.staging.update(rid, lambda s, d=done: setattr(s, "done", d))
+                elif kind == "end":
+                    unpackers.pop(rid, None)
                 elif kind == "abort":
-                    inc = incoming.pop(rid, None)
-                    if inc is not None:
-                        self.handler.release(inc.reservation, str(header.get("reason")))
+                    unpackers.pop(rid, None)
+                    controlled.discard(rid)
+                    self.staging.pop(rid)
         except (OSError, ChannelError, ValueError):
             pass  # the sender sees the broken connection and fails its requests
         finally:
-            for inc in incoming.values():
-                self.handler.release(inc.reservation, "KV channel closed mid-transfer")
+            for rid in list(controlled):
+                self.staging.pop(rid)
             try:
                 conn.close()
             except OSError:
                 pass
-
-    def _begin(self, conn: socket.socket, header: dict[str, Any], body: bytearray,
-               incoming: dict[str, _Incoming], refused: set[str]) -> None:
-        rid = header["id"]
-        try:
-            layout = ModelFingerprint(**header["layout"])
-            num_tokens = int(header["num_tokens"])
-            unpacker = LayerUnpacker(layout, header["level"], num_tokens, bytes(body))
-            reservation = self.handler.reserve(rid, header["spec"], layout, num_tokens)
-        except (TransferRefused, ValueError, KeyError, TypeError) as exc:
-            refused.add(rid)
-            send_frame(conn, {"type": "nack", "id": rid, "reason": str(exc)})
-            return
-        incoming[rid] = _Incoming(reservation, unpacker, layout.num_layers)
-
-    def _layer(self, conn: socket.socket, header: dict[str, Any], body: bytearray,
-               incoming: dict[str, _Incoming], refused: set[str]) -> None:
-        rid = header["id"]
-        inc = incoming.get(rid)
-        if inc is None:
-            return
-        layer_idx = int(header["layer"])
-        try:
-            k, v = inc.unpacker.unpack(body)
-            self.handler.write_layer(inc.reservation, layer_idx, k, v)
-        except (ValueError, RuntimeError) as exc:  # corrupt section (CodecError) or bad shape
-            incoming.pop(rid)
-            refused.add(rid)
-            self.handler.release(inc.reservation, f"bad KV layer {layer_idx}: {exc}")
-            send_frame(conn, {"type": "nack", "id": rid, "reason": f"bad KV layer {layer_idx}: {exc}"})
-            return
-        inc.layers_left.discard(layer_idx)

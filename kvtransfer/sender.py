@@ -29,6 +29,7 @@ ResultCallback = Callable[[str, bool, "str | None", dict[str, Any]], None]
 @dataclass
 class _Outgoing:
     packer: LayerPacker
+    control: bool                # carries the request itself, `done`, and gets the ack
     bytes_raw: int = 0
     bytes_wire: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -52,9 +53,11 @@ class KVSender:
 
     # ---- called from the prefill loop ------------------------------------------------------
 
-    def begin(self, request_id: str, spec: dict[str, Any], layout: ModelFingerprint, level: str,
-              num_tokens: int) -> None:
-        self._jobs.put(("begin", request_id, (spec, layout, level, num_tokens)))
+    def begin(self, request_id: str, spec: dict[str, Any] | None, layout: ModelFingerprint, level: str,
+              num_tokens: int, heads: tuple[int, int], num_sources: int = 1) -> None:
+        """Open a request on this channel. `spec` is given on the control channel only
+        (prefill rank 0 -> decode rank 0); `layout` describes the head slice `heads` sent here."""
+        self._jobs.put(("begin", request_id, (spec, layout, level, num_tokens, heads, num_sources)))
 
     def send_layer(self, request_id: str, layer_idx: int,
                    gather: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -62,6 +65,8 @@ class KVSender:
         self._jobs.put(("layer", request_id, (layer_idx, gather)))
 
     def done(self, request_id: str, first_token: int, events: dict[str, float]) -> None:
+        """Last frame of a request: `done` with the first token on the control channel,
+        a plain `end` elsewhere."""
         self._jobs.put(("done", request_id, (first_token, events)))
 
     def abort(self, request_id: str, reason: str) -> None:
@@ -95,12 +100,13 @@ class KVSender:
 
     def _handle(self, kind: str, rid: str, arg: Any, out: _Outgoing | None) -> None:
         if kind == "begin":
-            spec, layout, level, num_tokens = arg
-            out = _Outgoing(LayerPacker(layout, level, num_tokens))
+            spec, layout, level, num_tokens, heads, num_sources = arg
+            out = _Outgoing(LayerPacker(layout, level, num_tokens), control=spec is not None)
             with self._lock:
                 self._inflight[rid] = out
-            self._send({"type": "begin", "id": rid, "spec": spec, "layout": layout.to_dict(),
-                        "level": level, "num_tokens": num_tokens}, out.packer.stream_header())
+            self._send({"type": "begin", "id": rid, "spec": spec, "layout": layout.to_dict(), "level": level,
+                        "num_tokens": num_tokens, "heads": list(heads), "num_sources": num_sources},
+                       out.packer.stream_header())
         elif kind == "layer":
             layer_idx, gather = arg
             k, v = gather()
@@ -109,6 +115,10 @@ class KVSender:
             out.bytes_wire += len(body)
             self.limiter.acquire(len(body))
             self._send({"type": "layer", "id": rid, "layer": layer_idx}, body)
+        elif kind == "done" and not out.control:
+            with self._lock:
+                self._inflight.pop(rid, None)
+            self._send({"type": "end", "id": rid})
         elif kind == "done":
             first_token, events = arg
             out.ack_deadline = time.monotonic() + self.timeout_s

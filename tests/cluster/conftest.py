@@ -60,5 +60,5 @@ def cluster_config(**overrides: Any):
 def assert_no_leaks(stats: dict[str, dict[str, Any]]) -> None:
     for name, s in stats.items():
         assert s["free_blocks"] == s["num_blocks"], f"{name} leaked {s['num_blocks'] - s['free_blocks']} blocks: {s}"
-        assert s.get("handoffs", 0) == 0 and s.get("reserved_blocks", 0) == 0, f"{name}: {s}"
+        assert s.get("handoffs", 0) == 0 and s.get("staged", 0) == 0, f"{name}: {s}"
         assert s["waiting"] == 0 and s["running"] == 0, f"{name}: {s}"

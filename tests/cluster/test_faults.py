@@ -21,13 +21,13 @@ def test_aborts_and_failed_transfers_leak_nothing(monkeypatch, prompts):
     flaky: dict[str, int] = {}  # requests whose first transfer fails, then succeed on retry
     real_write = DecodeWorker.write_layer
 
-    def write_layer(self, res, layer_idx, k, v):
+    def write_layer(self, res, layer_idx, heads, k, v):
         rid = res.request_id
         if rid in doomed or (rid in flaky and flaky[rid] == 0):
             if layer_idx == 3:
                 flaky[rid] = flaky.get(rid, 0) + 1 if rid in flaky else 0
                 raise ValueError("injected: corrupt KV section")
-        return real_write(self, res, layer_idx, k, v)
+        return real_write(self, res, layer_idx, heads, k, v)
 
     monkeypatch.setattr(DecodeWorker, "write_layer", write_layer)
     cluster = Cluster.in_process(cluster_config(kv_transfer={"max_retries": 1}))
