@@ -1,0 +1,98 @@
+"""Everything the planner knows about speed, assembled from a profile (planner.profile) or,
+for what the profile lacks, from the roofline (planner.hardware):
+
+    step_model(tp)     measured fit > derived from a measured TP size > roofline
+    transfer           KV bytes per token, codec bits and speeds, gather/scatter copy rate
+    intra / inter link the KV channel within a node (measured TCP loopback) and across nodes
+                       (min of the network's --link-gbps and the channel's own speed), both
+                       capped by an emulated kv_transfer.link_gbps
+    kv_blocks(pool)    the pool's kv_blocks if set, else the memory model
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cluster.config import ClusterConfig, PoolSection
+from engine.config import ModelConfig, parse_dtype
+from planner.hardware import Accelerator, accelerator_for, dtype_bytes, kv_blocks_per_instance, roofline_step_model
+from planner.latency import StepModel, derive_tp, fit_step_model
+from planner.transfer import LinkModel, TransferModel
+
+DEFAULT_TCP_BYTES_PER_S = 1.0e9   # loopback KV channel without a profile
+
+
+@dataclass
+class Perf:
+    model: ModelConfig
+    dtype: str
+    accelerator: Accelerator
+    measured: dict[int, StepModel] = field(default_factory=dict)
+    transfer: TransferModel | None = None
+    tcp: LinkModel = field(default_factory=lambda: LinkModel("tcp", DEFAULT_TCP_BYTES_PER_S))
+    notes: list[str] = field(default_factory=list)
+    _cache: dict[int, StepModel] = field(default_factory=dict)
+
+    def step_model(self, tp: int) -> StepModel:
+        if tp not in self._cache:
+            if tp in self.measured:
+                m = self.measured[tp]
+            elif self.measured:
+                base = max(t for t in self.measured if t <= tp) if any(t <= tp for t in self.measured) else min(self.measured)
+                m = derive_tp(self.measured[base], tp)
+            else:
+                m = roofline_step_model(self.model, tp, self.accelerator, self.dtype)
+            self._cache[tp] = StepModel(m.tp, m.prefill, m.decode)  # own extrapolation counter
+        return self._cache[tp]
+
+    def source(self, tp: int) -> str:
+        return self.step_model(tp).prefill.source
+
+    def link(self, kind: str, emulated_gbps: float | None, network_gbps: float | None = None) -> LinkModel:
+        bps = self.tcp.bytes_per_s
+        if kind == "inter" and network_gbps:
+            bps = min(bps, network_gbps * 1e9 / 8)
+        if emulated_gbps:
+            bps = min(bps, emulated_gbps * 1e9 / 8)
+        return LinkModel(kind, bps, self.tcp.per_layer_s)
+
+    def kv_blocks(self, config: ClusterConfig, pool: PoolSection) -> int:
+        if pool.kv_blocks is not None:
+            return pool.kv_blocks
+        if config.device == "cpu":  # EngineConfig.cpu_kv_bytes
+            return max(1, (512 << 20) // (self.model.kv_bytes_per_token(parse_dtype(self.dtype)) * config.engine.block_size))
+        return kv_blocks_per_instance(self.model, pool.tp, self.accelerator, self.dtype, config.engine.block_size,
+                                      pool.memory_fraction)
+
+
+def build_perf(config: ClusterConfig, model: ModelConfig, profile: dict[str, Any] | None) -> Perf:
+    dtype = config.model.dtype
+    acc = accelerator_for(config.device, (profile or {}).get("device_name"))
+    perf = Perf(model, dtype, acc)
+    dtype_bits = 8 * dtype_bytes(dtype)
+    kv_token = model.kv_bytes_per_token(parse_dtype(dtype))
+    if profile is None:
+        perf.notes.append(f"no profile: roofline step times for {acc.name}")
+        perf.transfer = TransferModel(kv_token, model.num_layers, dtype_bits)
+        return perf
+    if profile.get("model") != model.name or profile.get("dtype") != dtype:
+        perf.notes.append(f"profile is of {profile.get('model')}/{profile.get('dtype')}, config is "
+                          f"{model.name}/{dtype}: using it anyway")
+    for tp, entry in profile.get("tp", {}).items():
+        if entry.get("prefill") and entry.get("decode"):
+            perf.measured[int(tp)] = fit_step_model(int(tp), entry["prefill"], entry["decode"])
+    codec = profile.get("codec", {})
+    perf.transfer = TransferModel(
+        kv_token, model.num_layers, dtype_bits,
+        bits_per_element={k: v["bits_per_element"] for k, v in codec.items() if v.get("bits_per_element")},
+        encode_bytes_per_s={k: v["encode_bytes_per_s"] for k, v in codec.items() if v.get("encode_bytes_per_s")},
+        decode_bytes_per_s={k: v["decode_bytes_per_s"] for k, v in codec.items() if v.get("decode_bytes_per_s")},
+        copy_bytes_per_s=profile.get("copy_bytes_per_s"))
+    tcp = profile.get("links", {}).get("tcp")
+    if tcp:
+        perf.tcp = LinkModel("tcp", float(tcp["bytes_per_s"]), float(tcp.get("per_layer_s", 0.0)))
+    perf.notes.extend(profile.get("notes", []))
+    return perf

@@ -1,0 +1,391 @@
+"""The plan search: parallelism, instances per pool, placement and codec level that maximize
+per-GPU goodput at the attainment target.
+
+    1. candidates    TP sizes per pool that split the heads and fit a node; codec levels
+                     worth trying on each link (raw only when raw transfer is negligible)
+    2. per phase     DistServe's trick: bisect one prefill instance's rate in simulation with an
+                     ideal decode side (TTFT only), and one decode instance's (TPOT only, KV
+                     transfer included) with an ideal prefill side; the analytic bound caps
+                     each bisection
+    3. combine       instance counts per pool within the GPU budget and each placement's node
+                     fit, from the per-instance capacities (queueing across instances ignored)
+    4. end to end    the best few re-simulated whole (all instances, router, real links),
+                     goodput bisected on joint attainment; a lossy codec level wins only if it
+                     beats the best higher-quality one by more than `quality_margin`
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from benchmarks.workloads import gamma_arrivals
+from cluster.config import ClusterConfig
+from engine.metrics import attainment, summarize
+from kvtransfer.codec import QUALITY_ORDER
+from planner.hardware import tp_sizes
+from planner.latency import LinearFit, StepModel
+from planner.perf import Perf
+from planner.simulator import SimSetup, simulate
+
+IDEAL = StepModel(0, LinearFit((0.0, 0.0, 0.0), source="ideal"), LinearFit((0.0, 0.0, 0.0), source="ideal"))
+IDEAL_BLOCKS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Budget:
+    gpus: int
+    gpus_per_node: int = 8
+    link_gbps: float | None = None     # between nodes; None: as fast as the KV channel
+
+
+@dataclass
+class Workload:
+    """Prompt and output lengths (tokens) of a trace; requests cycle through them."""
+
+    prompt_lens: list[int]
+    output_lens: list[int]
+    seed: int = 0
+
+    def trace(self, n: int, rate: float) -> tuple[list[int], list[int], list[float]]:
+        k = len(self.prompt_lens)
+        return ([self.prompt_lens[i % k] for i in range(n)], [self.output_lens[i % k] for i in range(n)],
+                gamma_arrivals(n, rate, self.seed))
+
+    @property
+    def mean_prompt(self) -> float:
+        return sum(self.prompt_lens) / len(self.prompt_lens)
+
+    @property
+    def mean_output(self) -> float:
+        return sum(self.output_lens) / len(self.output_lens)
+
+
+@dataclass
+class Plan:
+    config: ClusterConfig
+    goodput: float                  # req/s at the attainment target, whole plan
+    stage: str                      # analytic | simulated
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_gpus(self) -> int:
+        c = self.config
+        return c.prefill.instances * c.prefill.tp + c.decode.instances * c.decode.tp
+
+    @property
+    def per_gpu(self) -> float:
+        return self.goodput / max(1, self.num_gpus)
+
+    def describe(self) -> str:
+        c = self.config
+        if c.mode != "disagg":
+            return f"{c.mode} {c.prefill.instances + c.decode.instances}x tp{c.prefill.tp}"
+        return (f"{c.prefill.instances}P(tp{c.prefill.tp}) + {c.decode.instances}D(tp{c.decode.tp}), "
+                f"codec {c.kv_transfer.codec}, {c.placement}")
+
+
+# ---- placement ---------------------------------------------------------------------------------
+
+def assign_nodes(config: ClusterConfig, gpus_per_node: int) -> dict[str, int] | None:
+    """Node of each instance, as the launcher's placement groups land (first fit): `pack` keeps
+    prefill i and decode i in one group, `spread` gives each instance its own group and
+    deals them across nodes. None if a group does not fit a node."""
+    p = [(f"prefill-{i}", config.prefill.tp) for i in range(config.prefill.instances)]
+    d = [(f"decode-{i}", config.decode.tp) for i in range(config.decode.instances)]
+    if config.placement == "pack":
+        groups = [p[i:i + 1] + d[i:i + 1] for i in range(max(len(p), len(d)))]
+    else:
+        groups = [[m] for m in itertools.chain.from_iterable(itertools.zip_longest(p, d)) if m]
+    total = sum(t for _, t in p + d)
+    num_nodes = -(-total // gpus_per_node)
+    free = [gpus_per_node] * max(1, num_nodes)
+    out: dict[str, int] = {}
+    for gi, g in enumerate(groups):
+        need = sum(t for _, t in g)
+        order = range(len(free)) if config.placement == "pack" else [(gi + k) % len(free) for k in range(len(free))]
+        node = next((n for n in order if free[n] >= need), None)
+        if node is None:
+            free.append(gpus_per_node)
+            node = len(free) - 1
+            if need > gpus_per_node:
+                return None
+        free[node] -= need
+        for name, _ in g:
+            out[name] = node
+    return out
+
+
+def sim_setup(config: ClusterConfig, perf: Perf, budget: Budget, ideal: str | None = None) -> SimSetup:
+    """The simulator's view of `config`; `ideal` ("prefill" or "decode") makes that pool free."""
+    nodes = assign_nodes(config, budget.gpus_per_node) or {}
+    emulated = config.kv_transfer.link_gbps
+    intra, inter = perf.link("intra", emulated), perf.link("inter", emulated, budget.link_gbps)
+
+    def link(p: int, d: int):  # noqa: ANN202
+        return intra if nodes.get(f"prefill-{p}") == nodes.get(f"decode-{d}") else inter
+    steps = {"prefill": perf.step_model(config.prefill.tp), "decode": perf.step_model(config.decode.tp)}
+    blocks = {"prefill": perf.kv_blocks(config, config.prefill), "decode": perf.kv_blocks(config, config.decode)}
+    if ideal:
+        steps[ideal], blocks[ideal] = IDEAL, IDEAL_BLOCKS
+    return SimSetup(perf.model, steps, blocks, None if ideal == "decode" else perf.transfer, link)
+
+
+# ---- goodput by bisection ----------------------------------------------------------------------
+
+def trace_size(rate: float, duration_s: float, lo: int, hi: int) -> int:
+    """Requests for a simulated run: enough to last `duration_s` (so an overload shows as
+    queueing rather than hiding in a short burst), within [lo, hi]."""
+    return int(min(hi, max(lo, rate * duration_s)))
+
+
+def attainment_at(config: ClusterConfig, setup: SimSetup, workload: Workload, rate: float, n: int,
+                  metric: str = "both", duration_s: float = 0.0, max_n: int = 1500,
+                  single_token: bool = False) -> float:
+    prompts, outputs, arrivals = workload.trace(trace_size(rate, duration_s, n, max_n), rate)
+    if single_token:  # prefill alone: the first token is all that is measured
+        outputs = [1] * len(outputs)
+    records = simulate(config, setup, prompts, outputs, arrivals)
+    both, ttft, tpot = attainment(records, config.slo.ttft_s, config.slo.tpot_s)
+    return {"both": both, "ttft": ttft, "tpot": tpot}[metric]
+
+
+def bisect_rate(attain: Callable[[float], float], hi: float, target: float, iters: int = 7,
+                curve: list[tuple[float, float]] | None = None) -> float:
+    """Highest rate with attainment >= target, searched in (0, hi] (hi doubles while it passes)."""
+    lo = 0.0
+    for _ in range(3):
+        a = attain(hi)
+        if curve is not None:
+            curve.append((hi, a))
+        if a < target:
+            break
+        lo, hi = hi, hi * 2
+    else:
+        return lo
+    for _ in range(iters):
+        if hi - lo <= 0.02 * hi:
+            break
+        mid = (lo + hi) / 2
+        a = attain(mid)
+        if curve is not None:
+            curve.append((mid, a))
+        lo, hi = (mid, hi) if a >= target else (lo, mid)
+    return lo
+
+
+# ---- analytic bounds ---------------------------------------------------------------------------
+
+def prefill_bound(step: StepModel, workload: Workload, max_batch_tokens: int) -> float:
+    """Requests/s one prefill instance sustains at full token batches (an upper bound)."""
+    mean_len = workload.mean_prompt
+    per_batch = max(1.0, max_batch_tokens / mean_len)
+    n = per_batch * mean_len
+    attn = per_batch * sum(p * p for p in workload.prompt_lens) / len(workload.prompt_lens)
+    return per_batch / max(step.prefill_time(n, attn), 1e-9)
+
+
+def decode_bound(step: StepModel, workload: Workload, tpot_s: float, max_batch: int, num_blocks: int,
+                 block_size: int) -> float:
+    """Requests/s one decode instance sustains with the largest batch whose step fits the TPOT
+    target and the KV cache (an upper bound)."""
+    ctx = workload.mean_prompt + workload.mean_output / 2
+    by_memory = int(num_blocks * block_size / (workload.mean_prompt + workload.mean_output))
+    best = 0.0
+    for b in range(1, max(1, min(max_batch, by_memory)) + 1):
+        t = step.decode_time(b, b * ctx)
+        if t <= tpot_s:
+            best = max(best, b / t / max(1.0, workload.mean_output - 1))
+    return best
+
+
+# ---- the search --------------------------------------------------------------------------------
+
+@dataclass
+class SearchOptions:
+    levels: tuple[str, ...] = QUALITY_ORDER
+    placements: tuple[str, ...] = ("pack", "spread")
+    num_phase_requests: int = 100
+    max_phase_requests: int = 400
+    num_e2e_requests: int = 200
+    max_e2e_requests: int = 1200
+    max_slice_instances: int = 6
+    finalists: int = 2
+    quality_margin: float = 0.05
+    max_tp: int = 8
+    tp_choices: tuple[int, ...] | None = None
+
+
+def phase_target(target: float) -> float:
+    """Each phase alone must do better than the joint target: misses of the two add up."""
+    return 1 - (1 - target) / 2
+
+
+def levels_worth_trying(perf: Perf, workload: Workload, link_bytes_per_s: float, tpot_s: float,
+                        levels: tuple[str, ...]) -> list[str]:
+    """raw, plus every other level when raw transfer of a long prompt costs a noticeable
+    share of a token's time budget over the request."""
+    if perf.transfer is None:
+        return ["raw"]
+    from planner.transfer import LinkModel
+    p90 = sorted(workload.prompt_lens)[int(0.9 * (len(workload.prompt_lens) - 1))]
+    raw_s = perf.transfer.total_time(p90, "raw", LinkModel("l", link_bytes_per_s, perf.tcp.per_layer_s))
+    if raw_s < 0.05 * tpot_s * max(1.0, workload.mean_output - 1):
+        return [lv for lv in levels if lv == "raw"] or list(levels[:1])
+    return list(levels)
+
+
+def search(base: ClusterConfig, perf: Perf, workload: Workload, budget: Budget,
+           options: SearchOptions | None = None, log: Callable[[str], None] = lambda s: None) -> list[Plan]:
+    """Plans ranked best first (simulated finalists, then analytic runners-up)."""
+    opt = options or SearchOptions()
+    t0 = time.monotonic()
+    target = base.slo.attainment
+    tps = [t for t in (opt.tp_choices or tp_sizes(perf.model, budget.gpus_per_node, opt.max_tp)) if t <= budget.gpus]
+    if budget.gpus < 2:
+        raise ValueError("--gpus: a disaggregated plan needs at least 2 GPUs (one per pool)")
+    one = replace(base, mode="disagg", prefill=replace(base.prefill, instances=1),
+                  decode=replace(base.decode, instances=1), placement="pack")
+
+    # 1-2. per-instance capacity of each pool at each TP size (and codec level, for decode)
+    pre_cap: dict[int, float] = {}
+    for tp in tps:
+        cfg = replace(one, prefill=replace(one.prefill, tp=tp))
+        setup = sim_setup(cfg, perf, budget, ideal="decode")
+        hi = 1.2 * prefill_bound(setup.steps["prefill"], workload, cfg.prefill.max_batch_tokens)
+        pre_cap[tp] = bisect_rate(lambda r: attainment_at(
+            cfg, setup, workload, r, opt.num_phase_requests, "ttft", 20 * base.slo.ttft_s, 3000, True),
+            hi, phase_target(target))
+        log(f"prefill tp{tp}: {pre_cap[tp]:.3g} req/s per instance ({perf.source(tp)})")
+    multi_node = budget.gpus > budget.gpus_per_node
+    link_kinds = {"intra": perf.link("intra", base.kv_transfer.link_gbps)}
+    inter = perf.link("inter", base.kv_transfer.link_gbps, budget.link_gbps)
+    # across nodes only matters when it is slower than within one
+    multi_node = multi_node and inter.bytes_per_s < link_kinds["intra"].bytes_per_s
+    if multi_node:
+        link_kinds["inter"] = inter
+    dec_cap: dict[tuple[int, str, str], float] = {}
+    # a decode overload shows once the batch has turned over: a couple of request lifetimes
+    decode_duration = 2 * workload.mean_output * base.slo.tpot_s
+    for tp in tps:
+        for kind, link in link_kinds.items():
+            for level in levels_worth_trying(perf, workload, link.bytes_per_s, base.slo.tpot_s, opt.levels):
+                cfg = replace(one, decode=replace(one.decode, tp=tp), kv_transfer=replace(one.kv_transfer, codec=level))
+                setup = sim_setup(cfg, perf, budget, ideal="prefill")
+                setup.link = lambda p, d, link=link: link
+                hi = 1.2 * decode_bound(setup.steps["decode"], workload, base.slo.tpot_s, cfg.decode.max_batch_size,
+                                        setup.blocks["decode"], cfg.engine.block_size)
+                if hi <= 0:
+                    dec_cap[(tp, kind, level)] = 0.0
+                    continue
+                dec_cap[(tp, kind, level)] = bisect_rate(
+                    lambda r: attainment_at(cfg, setup, workload, r, opt.num_phase_requests, "tpot",
+                                            decode_duration, opt.max_phase_requests), hi, phase_target(target), iters=4)
+                log(f"decode tp{tp} {kind} {level}: {dec_cap[(tp, kind, level)]:.3g} req/s per instance")
+
+    # 3. instance counts, placement, level: analytic goodput from per-instance capacities
+    analytic: list[Plan] = []
+    placements = opt.placements if multi_node else ("pack",)
+    for tp_p, tp_d, placement in itertools.product(tps, tps, placements):
+        kind = "intra" if not multi_node or placement == "pack" else "inter"
+        for level in {lv for (t, k, lv) in dec_cap if t == tp_d and k == kind}:
+            rp, rd = pre_cap[tp_p], dec_cap[(tp_d, kind, level)]
+            if rp <= 0 or rd <= 0:
+                continue
+            best: tuple[float, float, int, int] | None = None
+            for n_p in range(1, budget.gpus // tp_p + 1):
+                n_d_max = (budget.gpus - n_p * tp_p) // tp_d
+                # the decode count that balances this prefill count, and its neighbours
+                for n_d in {max(1, min(n_d_max, round(n_p * rp / rd) + k)) for k in (-1, 0, 1)}:
+                    if n_d < 1 or n_p * tp_p + n_d * tp_d > budget.gpus:
+                        continue
+                    good = min(n_p * rp, n_d * rd)
+                    key = (good / (n_p * tp_p + n_d * tp_d), good, n_p, n_d)
+                    if best is None or key[0] > best[0] * 1.02 or (key[0] >= best[0] * 0.98 and good > best[1]):
+                        best = key
+            if best is None:
+                continue
+            _, good, n_p, n_d = best
+            cfg = replace(base, mode="disagg", placement=placement,
+                          prefill=replace(base.prefill, tp=tp_p, instances=n_p),
+                          decode=replace(base.decode, tp=tp_d, instances=n_d),
+                          kv_transfer=replace(base.kv_transfer, codec=level))
+            if assign_nodes(cfg, budget.gpus_per_node) is None:
+                continue
+            analytic.append(Plan(cfg, good, "analytic", {"prefill_per_instance": rp, "decode_per_instance": rd}))
+    analytic.sort(key=lambda p: (-p.per_gpu, QUALITY_ORDER.index(p.config.kv_transfer.codec)
+                                 if p.config.kv_transfer.codec in QUALITY_ORDER else 9))
+    if not analytic:
+        raise ValueError("no plan meets the SLOs at any rate on this budget; loosen slo or add GPUs")
+
+    # 4. the best few, simulated whole; quality tie-break among codec levels
+    finalists = _pick_finalists(analytic, opt.finalists)
+    simulated = []
+    duration = max(20 * base.slo.ttft_s, decode_duration)
+    for plan in finalists:
+        cfg = plan.config
+        part, scale = plan_slice(cfg, opt.max_slice_instances)
+        setup = sim_setup(part, perf, budget)
+        curve: list[tuple[float, float]] = []
+        good = scale * bisect_rate(
+            lambda r: attainment_at(part, setup, workload, r, opt.num_e2e_requests, "both", duration,
+                                    opt.max_e2e_requests), plan.goodput / scale * 1.15, target, iters=6, curve=curve)
+        simulated.append(Plan(cfg, good, "simulated", {
+            **plan.detail, "analytic_goodput": plan.goodput, "curve": [(r * scale, a) for r, a in sorted(curve)],
+            "simulated_slice": f"{part.prefill.instances}P+{part.decode.instances}D x {scale:g}"}))
+        log(f"simulated {simulated[-1].describe()}: {good:.3g} req/s ({simulated[-1].per_gpu:.3g}/GPU)")
+    simulated.sort(key=lambda p: -p.per_gpu)
+    top = simulated[0].per_gpu
+    ok = [p for p in simulated if p.per_gpu >= top * (1 - opt.quality_margin)]
+    best = min(ok, key=lambda p: (_quality(p), -p.per_gpu))
+    ranked = [best] + [p for p in simulated if p is not best]
+    rest = [p for p in analytic if all(p.config != q.config for q in ranked)]
+    for p in ranked:
+        p.detail["search_s"] = time.monotonic() - t0
+    return ranked + rest
+
+
+def plan_slice(config: ClusterConfig, max_instances: int) -> tuple[ClusterConfig, float]:
+    """The part of a plan simulated end to end, and the factor that scales its goodput to the
+    whole: the plan itself when small, else its smallest repeating unit, else one instance of
+    the smaller pool with its share of the other (the router balances instances evenly)."""
+    n_p, n_d = config.prefill.instances, config.decode.instances
+    if n_p + n_d <= max_instances:
+        return config, 1.0
+    g = math.gcd(n_p, n_d)
+    k_p, k_d = n_p // g, n_d // g
+    if k_p + k_d > max_instances:
+        k_p, k_d = (1, max(1, round(n_d / n_p))) if n_p <= n_d else (max(1, round(n_p / n_d)), 1)
+    part = replace(config, prefill=replace(config.prefill, instances=k_p), decode=replace(config.decode, instances=k_d))
+    return part, min(n_p / k_p, n_d / k_d)
+
+
+def _quality(plan: Plan) -> int:
+    lv = plan.config.kv_transfer.codec
+    return QUALITY_ORDER.index(lv) if lv in QUALITY_ORDER else len(QUALITY_ORDER)
+
+
+def _pick_finalists(analytic: list[Plan], k: int) -> list[Plan]:
+    """The top k by analytic per-GPU goodput, plus the best plan at each better codec level
+    within 10% of the top (so the quality tie-break has something to choose from)."""
+    out = list(analytic[:k])
+    top = analytic[0].per_gpu
+    for p in analytic:
+        if p.per_gpu >= 0.9 * top and _quality(p) < min(_quality(q) for q in out) and p not in out:
+            out.append(p)
+    return out
+
+
+def predicted_curve(config: ClusterConfig, perf: Perf, budget: Budget, workload: Workload, rates: list[float],
+                    n: int = 300) -> list[dict[str, Any]]:
+    """Simulated summary at each rate (the plan's predicted attainment-vs-rate curve)."""
+    setup = sim_setup(config, perf, budget)
+    out = []
+    for r in rates:
+        prompts, outputs, arrivals = workload.trace(n, r)
+        s = summarize(simulate(config, setup, prompts, outputs, arrivals), config.slo.ttft_s, config.slo.tpot_s, r)
+        out.append({k: s[k] for k in ("rate", "attainment", "attainment_ttft", "attainment_tpot", "ttft_p90", "tpot_p90")})
+    return out

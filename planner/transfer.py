@@ -1,0 +1,82 @@
+"""The KV-transfer model: how long a request's KV takes from its prefill instance to its
+decode instance, for a codec level on a link, overlapped with layer streaming.
+
+The runtime's channel (kvtransfer/sender.py) is one FIFO sender thread per (prefill, decode)
+pair: `begin` (the decode side reserves blocks), then per layer gather + encode + the link
+(rate-capped) + decode-side unpack, then `done` after the first token. Layer l of the last
+prefill chunk is ready at chunk_start + step * (l + 1) / layers, so transfer overlaps compute.
+
+    per layer on the sender   encode(raw bytes) + wire bytes / link + per_layer_s
+    per layer on the receiver decode(raw bytes), pipelined behind the sender
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from kvtransfer.codec import choose_level, get_level
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """One link kind: bytes/s that reach the other side, and a fixed cost per layer message."""
+
+    name: str
+    bytes_per_s: float
+    per_layer_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class TransferModel:
+    kv_bytes_per_token: int                      # raw, all layers, K and V
+    num_layers: int
+    dtype_bits: int = 16
+    # measured bits/element (all-in) and codec speeds in raw bytes/s, per level; missing: not modeled
+    bits_per_element: Mapping[str, float] = field(default_factory=dict)
+    encode_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
+    decode_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
+    copy_bytes_per_s: float | None = None        # gather/scatter of raw KV (D2H+H2D on GPU)
+
+    def wire_bytes(self, num_tokens: int, level: str) -> float:
+        bits = self.bits_per_element.get(level, get_level(level).expected_bits)
+        raw = num_tokens * self.kv_bytes_per_token
+        # expected_bits are for 16-bit input; a raw fp32 cache sends 32 bits
+        return raw if level == "raw" else raw * min(bits, self.dtype_bits) / self.dtype_bits
+
+    def layer_times(self, num_tokens: int, level: str, link: LinkModel) -> tuple[float, float]:
+        """(sender seconds, receiver seconds) for one layer of one request."""
+        raw = num_tokens * self.kv_bytes_per_token / self.num_layers
+        send = self.wire_bytes(num_tokens, level) / self.num_layers / link.bytes_per_s + link.per_layer_s
+        recv = 0.0
+        if self.copy_bytes_per_s:
+            send += raw / self.copy_bytes_per_s
+            recv += raw / self.copy_bytes_per_s
+        if level != "raw":
+            if self.encode_bytes_per_s.get(level):
+                send += raw / self.encode_bytes_per_s[level]
+            if self.decode_bytes_per_s.get(level):
+                recv += raw / self.decode_bytes_per_s[level]
+        return send, recv
+
+    def total_time(self, num_tokens: int, level: str, link: LinkModel) -> float:
+        """Unoverlapped seconds for the whole request (for pruning and reports)."""
+        send, recv = self.layer_times(num_tokens, level, link)
+        return self.num_layers * max(send, recv) + min(send, recv)
+
+    def resolve_level(self, level: str, num_tokens: int, link: LinkModel, budget_s: float) -> str:
+        """The level a prefill worker uses: `auto` picks per request like the runtime does."""
+        if level != "auto":
+            return level
+        return choose_level(num_tokens * self.kv_bytes_per_token * 16 // self.dtype_bits,
+                            link.bytes_per_s, budget_s)
+
+
+def schedule_layers(ready: list[float], send_s: float, recv_s: float, start: float) -> tuple[float, float]:
+    """Run one request's layers through a FIFO channel that is free from `start`; layer l is
+    ready at ready[l]. Returns (sender free at, last layer landed at)."""
+    sender = recv = start
+    for r in ready:
+        sender = max(sender, r) + send_s
+        recv = max(recv, sender) + recv_s
+    return sender, recv
