@@ -13,6 +13,7 @@ from cluster.instance import Instance
 from cluster.launcher import launch, plan_instances
 from cluster.pools import InProcessPool, RayInstancePool
 from cluster.router import Router
+from engine.errors import ConfigError
 from engine.request import SamplingParams
 
 
@@ -36,7 +37,10 @@ class Cluster:
 
     @classmethod
     def in_process(cls, config: ClusterConfig) -> "Cluster":
-        """Every instance in this process (no Ray): for tests and debugging."""
+        """Every instance in this process (no Ray): for tests and debugging. TP 1 only."""
+        if config.prefill.tp > 1 or config.decode.tp > 1:
+            raise ConfigError("prefill.tp / decode.tp: tensor parallelism needs one process per rank; "
+                              "run without --in-process")
         instances = {p.name: Instance(p.role, config, p.name) for p in plan_instances(config)}
         peers = {n: {"tp": 1, "addresses": [i.ready()["address"]]} for n, i in instances.items() if i.role == "decode"}
         for inst in instances.values():
@@ -89,3 +93,6 @@ class Cluster:
             pass
         for a in live:
             ray.kill(a)
+        for fs in self.pool.followers.values():
+            for f in fs:
+                ray.kill(f)

@@ -38,7 +38,11 @@ def run(args: argparse.Namespace) -> int:
     except (SplitserveError, ValueError) as exc:
         print(f"splitserve generate: {exc}", file=sys.stderr)
         return 2
-    cluster = Cluster.in_process(config) if args.in_process else Cluster.start(config)
+    try:
+        cluster = Cluster.in_process(config) if args.in_process else Cluster.start(config)
+    except (SplitserveError, RuntimeError) as exc:
+        print(f"splitserve {'generate' if 'generate' in __name__ else 'run'}: {exc}", file=sys.stderr)
+        return 2
     try:
         result = cluster.generate(prompt_ids, params)
     finally:

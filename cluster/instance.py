@@ -19,22 +19,50 @@ ROLES = ("prefill", "decode", "colocated", "chunked")
 
 
 class Instance:
+    """Rank 0 of an instance. At TP 1 it is ready once constructed; at TP > 1 the launcher
+    first gathers every rank, then calls `setup(master)` on all of them together."""
+
     def __init__(self, role: str, config: ClusterConfig, name: str, num_threads: int | None = None,
-                 advertise_host: str | None = "127.0.0.1") -> None:
+                 advertise_host: str | None = "127.0.0.1", tp_size: int = 1) -> None:
         if role not in ROLES:
             raise ValueError(f"role={role!r}: one of {ROLES}")
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.role, self.name = role, name
+        self.role, self.name, self.config, self.tp_size = role, name, config, tp_size
         if advertise_host is None:  # inside a Ray actor: the address other nodes reach us at
             import ray
             advertise_host = ray.util.get_node_ip_address()
-        pool: PoolSection = config.prefill if role == "prefill" else config.decode
-        if role in ("colocated", "chunked"):
-            pool = config.prefill if name.startswith("prefill") else config.decode
+        self.advertise_host = advertise_host
+        if tp_size == 1:
+            self._build(None)
+
+    def free_port(self) -> tuple[str, int]:
+        """An address for this instance's TP rendezvous (rank 0 hosts it)."""
+        import socket
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return self.advertise_host, s.getsockname()[1]
+
+    def setup(self, master: tuple[str, int]) -> dict[str, Any]:
+        from engine.tp_channel import init_tp
+        from engine.tp_runner import TPLeaderRunner
+        config = self.config
         source = config.model.source
-        args = (source.model_config(), config.engine_config(pool))
-        kwargs: dict[str, Any] = {"weights": source.state_dict(), "tokenizer": source.tokenizer()}
+        group, channel = init_tp(0, self.tp_size, tuple(master), torch.device(config.device))
+        runner = TPLeaderRunner(source.model_config(), config.engine_config(self._pool()), source.state_dict(),
+                                tp=group, channel=channel)
+        self._build(runner)
+        return self.ready()
+
+    def _pool(self) -> PoolSection:
+        return self.config.prefill if self.name.startswith("prefill") else self.config.decode
+
+    def _build(self, runner: Any) -> None:
+        role, name, config, advertise_host = self.role, self.name, self.config, self.advertise_host
+        source = config.model.source
+        args = (source.model_config(), config.engine_config(self._pool()))
+        kwargs: dict[str, Any] = {"weights": None if runner else source.state_dict(),
+                                  "tokenizer": source.tokenizer(), "runner": runner}
         timeout = config.kv_transfer.timeout_s
         self.worker: LLMEngine
         if role == "prefill":
@@ -118,6 +146,9 @@ class Instance:
 
     def shutdown(self) -> None:
         self.loop.stop()
+        stop_followers = getattr(self.worker.runner, "shutdown_followers", None)
+        if stop_followers is not None:
+            stop_followers()
         if isinstance(self.worker, DecodeWorker):
             self.worker.close()
         if isinstance(self.worker, PrefillWorker):

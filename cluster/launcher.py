@@ -15,6 +15,8 @@ from typing import Any
 from cluster.config import ClusterConfig
 from cluster.instance import Instance
 from cluster.pools import RayInstancePool
+from cluster.tp_follower import TPFollower
+from engine.tensor_parallel import validate_tp
 from engine.errors import ConfigError
 
 
@@ -33,15 +35,15 @@ def plan_instances(config: ClusterConfig) -> list[InstancePlan]:
             + [InstancePlan(f"decode-{i}", role_d, config.decode.tp) for i in range(config.decode.instances)])
 
 
-def start_ray(config: ClusterConfig, num_instances: int) -> None:
+def start_ray(config: ClusterConfig, num_ranks: int) -> None:
     import ray
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", log_to_driver=True)
         return
-    # A local Ray instance: logical CPUs may exceed cores so every instance gets its actor.
-    ray.init(num_cpus=max(os.cpu_count() or 1, num_instances + 1), include_dashboard=False,
+    # A local Ray instance: logical CPUs may exceed cores so every rank gets its actor.
+    ray.init(num_cpus=max(os.cpu_count() or 1, num_ranks + 1), include_dashboard=False,
              log_to_driver=True, configure_logging=False)
 
 
@@ -54,6 +56,13 @@ def check_gpus(config: ClusterConfig, available_gpus: int) -> None:
     if need > have:
         raise ConfigError(f"prefill/decode: the config needs {need} GPUs (instances x tp) but the Ray cluster "
                           f"has {have}; lower prefill.instances, decode.instances or their tp")
+
+
+def check_tp(config: ClusterConfig) -> None:
+    """Each pool's TP size must divide the model's heads and MLP."""
+    model_config = config.model.source.model_config()
+    validate_tp(model_config, config.prefill.tp, "prefill.tp")
+    validate_tp(model_config, config.decode.tp, "decode.tp")
 
 
 def _placement_groups(config: ClusterConfig, plans: list[InstancePlan]) -> dict[str, tuple[Any, int]]:
@@ -84,8 +93,9 @@ def launch(config: ClusterConfig, ready_timeout_s: float = 300.0) -> tuple[RayIn
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     plans = plan_instances(config)
+    check_tp(config)
     # 1. Ray: the one given by RAY_ADDRESS (ray job submit), else a local one.
-    start_ray(config, len(plans))
+    start_ray(config, sum(p.tp for p in plans))
     check_gpus(config, int(ray.cluster_resources().get("GPU", 0)))
     # 2. Build the model cache once, before many actors race to build it.
     config.model.source.directory
@@ -96,26 +106,43 @@ def launch(config: ClusterConfig, ready_timeout_s: float = 300.0) -> tuple[RayIn
     except ray.exceptions.GetTimeoutError:
         raise ConfigError("placement: the cluster cannot place every instance (not enough CPUs/GPUs per node); "
                           "use placement: spread or fewer instances") from None
-    threads = config.engine.cpu_threads_per_instance or max(1, (os.cpu_count() or 1) // len(plans))
-    actor_cls = ray.remote(Instance)
+    threads = config.engine.cpu_threads_per_instance or max(1, (os.cpu_count() or 1) // sum(p.tp for p in plans))
+    threads = threads if config.device == "cpu" else None
+    leader_cls, follower_cls = ray.remote(Instance), ray.remote(TPFollower)
+
+    def placed(pg: Any, index: int) -> dict[str, Any]:
+        return dict(num_cpus=1, num_gpus=1 if config.device == "cuda" else 0, max_restarts=0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index))
     actors: dict[str, Any] = {}
+    followers: dict[str, list[Any]] = {}
     for p in plans:
         pg, index = groups[p.name]
-        actors[p.name] = actor_cls.options(
-            name=None, max_concurrency=16, num_cpus=1, num_gpus=1 if config.device == "cuda" else 0,
-            max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
-        ).remote(p.role, config, p.name, threads if config.device == "cpu" else None, None)
-    # 4. Wait for every instance to load its model; report which one failed and why.
+        actors[p.name] = leader_cls.options(max_concurrency=16, **placed(pg, index)).remote(
+            p.role, config, p.name, threads, None, tp_size=p.tp)
+        followers[p.name] = [follower_cls.options(max_concurrency=4, **placed(pg, index + r)).remote(
+            p.role, config, p.name, r, p.tp, threads) for r in range(1, p.tp)]
+    # 4. Wait for every instance to load its model (TP ranks join their group together);
+    #    report which one failed and why.
     info: dict[str, dict[str, Any]] = {}
     for name, actor in actors.items():
         try:
-            info[name] = ray.get(actor.ready.remote(), timeout=ready_timeout_s)
+            if followers[name]:
+                master = ray.get(actor.free_port.remote(), timeout=ready_timeout_s)
+                replies = ray.get([actor.setup.remote(master)] + [f.setup.remote(master) for f in followers[name]],
+                                  timeout=ready_timeout_s)
+                info[name] = {**replies[0], "addresses": [tuple(r["address"]) for r in replies if "address" in r]}
+            else:
+                info[name] = ray.get(actor.ready.remote(), timeout=ready_timeout_s)
         except Exception as exc:
-            for a in actors.values():
+            for a in list(actors.values()) + [f for fs in followers.values() for f in fs]:
                 ray.kill(a)
             raise RuntimeError(f"instance {name} failed to start: {str(exc).splitlines()[-1]}") from exc
-    # 5. Prefill instances open their KV channels to every decode instance.
-    peers = {n: {"tp": 1, "addresses": [tuple(i["address"])]} for n, i in info.items() if i["role"] == "decode"}
-    ray.get([actors[n].connect.remote(peers) for n, i in info.items() if i["role"] == "prefill"])
-    return RayInstancePool(actors, {p.name: p.role for p in plans}), info
+    # 5. Every prefill rank opens KV channels to the decode ranks that own its heads.
+    tp_of = {p.name: p.tp for p in plans}
+    peers = {n: {"tp": tp_of[n], "addresses": i.get("addresses") or [tuple(i["address"])]}
+             for n, i in info.items() if i["role"] == "decode"}
+    ray.get([a.connect.remote(peers) for n, i in info.items() if i["role"] == "prefill"
+             for a in [actors[n], *followers[n]]])
+    pool = RayInstancePool(actors, {p.name: p.role for p in plans})
+    pool.followers = followers
+    return pool, info

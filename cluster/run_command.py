@@ -48,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"starting {config.mode}: {config.prefill.instances} prefill x tp{config.prefill.tp}, "
           f"{config.decode.instances} decode x tp{config.decode.tp}, {config.model.name} on {config.device}",
           file=sys.stderr)
-    cluster = Cluster.in_process(config) if args.in_process else Cluster.start(config)
+    try:
+        cluster = Cluster.in_process(config) if args.in_process else Cluster.start(config)
+    except (SplitserveError, RuntimeError) as exc:
+        print(f"splitserve {'generate' if 'generate' in __name__ else 'run'}: {exc}", file=sys.stderr)
+        return 2
     try:
         prompts = [it.prompt_token_ids or tokenizer.encode(it.prompt) for it in items]
         # Greedy to the workload's output length: the trace decides how long each answer is.

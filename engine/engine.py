@@ -33,14 +33,16 @@ class LLMEngine:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, policy: str = "continuous",
                  weights: dict[str, Any] | None = None, tokenizer: Any = None,
                  clock: Callable[[], float] = time.time,
-                 emit: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 emit: Callable[[dict[str, Any]], None] | None = None,
+                 runner: ModelRunner | None = None) -> None:
         if policy not in SCHEDULERS:
             raise RequestError(f"policy={policy!r}: choose one of {sorted(SCHEDULERS)}")
         self.model_config = model_config
         self.config = config
         self.tokenizer = tokenizer
         self.clock = clock
-        self.runner = ModelRunner(model_config, config, weights)
+        # A tensor-parallel instance passes its rank-0 runner in; otherwise a single device.
+        self.runner = runner or ModelRunner(model_config, config, weights)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler: Scheduler = SCHEDULERS[policy](scheduler_config_for(model_config, config), self.blocks)
         self._ids = itertools.count()
