@@ -50,15 +50,16 @@ class _Body(BaseModel):
     ignore_eos: bool = False                         # extension (vLLM's): run to max_tokens
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if len(stop) > 4 or any(not s for s in stop):
-            raise APIError(400, "stop: up to 4 non-empty strings", "stop")
         try:
             return SamplingParams(max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
-                                  top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop=stop,
+                                  top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop=self.stop_strings,
                                   ignore_eos=self.ignore_eos)
         except RequestError as exc:
             raise APIError(400, str(exc), str(exc).split("=")[0]) from None
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     @property
     def include_usage(self) -> bool:
@@ -106,6 +107,8 @@ def parse_body(cls: type[_Body], raw: bytes) -> Any:
         loc = [str(p) for p in err["loc"] if not _is_branch_tag(p)]
         field = ".".join(loc) or "body"
         raise APIError(400, f"{field}: {err['msg']}", field) from None
+    if len(body.stop_strings) > 4 or not all(body.stop_strings):
+        raise APIError(400, "stop: up to 4 non-empty strings", "stop")
     if isinstance(body, CompletionBody):
         if body.echo or body.logprobs:
             raise APIError(400, "echo / logprobs: not supported", "echo" if body.echo else "logprobs")
