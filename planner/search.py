@@ -224,18 +224,19 @@ def phase_target(target: float) -> float:
     return 1 - (1 - target) / 2
 
 
-def levels_worth_trying(perf: Perf, workload: Workload, link_bytes_per_s: float, tpot_s: float,
+def levels_worth_trying(perf: Perf, workload: Workload, link: "LinkModel", tpot_s: float, raw_capacity: float,
                         levels: tuple[str, ...]) -> list[str]:
-    """raw, plus every other level when raw transfer of a long prompt costs a noticeable
-    share of a token's time budget over the request."""
+    """Every other level when raw transfer is not negligible: a long prompt's raw KV costs a
+    noticeable share of its token-time budget, or the link would be busy a noticeable share
+    of the time at the rate one decode instance sustains with raw KV."""
     if perf.transfer is None:
-        return ["raw"]
-    from planner.transfer import LinkModel
+        return []
     p90 = sorted(workload.prompt_lens)[int(0.9 * (len(workload.prompt_lens) - 1))]
-    raw_s = perf.transfer.total_time(p90, "raw", LinkModel("l", link_bytes_per_s, perf.tcp.per_layer_s))
-    if raw_s < 0.05 * tpot_s * max(1.0, workload.mean_output - 1):
-        return [lv for lv in levels if lv == "raw"] or list(levels[:1])
-    return list(levels)
+    raw_p90 = perf.transfer.total_time(p90, "raw", link)
+    raw_mean = sum(perf.transfer.total_time(p, "raw", link) for p in workload.prompt_lens) / len(workload.prompt_lens)
+    if raw_p90 < 0.05 * tpot_s * max(1.0, workload.mean_output - 1) and raw_mean * raw_capacity < 0.2:
+        return []
+    return [lv for lv in levels if lv != "raw"]
 
 
 def search(base: ClusterConfig, perf: Perf, workload: Workload, budget: Budget,
@@ -272,19 +273,23 @@ def search(base: ClusterConfig, perf: Perf, workload: Workload, budget: Budget,
     decode_duration = 2 * workload.mean_output * base.slo.tpot_s
     for tp in tps:
         for kind, link in link_kinds.items():
-            for level in levels_worth_trying(perf, workload, link.bytes_per_s, base.slo.tpot_s, opt.levels):
+            levels = ["raw"] if "raw" in opt.levels else list(opt.levels)
+            i = 0
+            while i < len(levels):
+                level = levels[i]
+                i += 1
                 cfg = replace(one, decode=replace(one.decode, tp=tp), kv_transfer=replace(one.kv_transfer, codec=level))
                 setup = sim_setup(cfg, perf, budget, ideal="prefill")
                 setup.link = lambda p, d, link=link: link
                 hi = 1.2 * decode_bound(setup.steps["decode"], workload, base.slo.tpot_s, cfg.decode.max_batch_size,
                                         setup.blocks["decode"], cfg.engine.block_size)
-                if hi <= 0:
-                    dec_cap[(tp, kind, level)] = 0.0
-                    continue
-                dec_cap[(tp, kind, level)] = bisect_rate(
+                cap = 0.0 if hi <= 0 else bisect_rate(
                     lambda r: attainment_at(cfg, setup, workload, r, opt.num_phase_requests, "tpot",
                                             decode_duration, opt.max_phase_requests), hi, phase_target(target), iters=4)
-                log(f"decode tp{tp} {kind} {level}: {dec_cap[(tp, kind, level)]:.3g} req/s per instance")
+                dec_cap[(tp, kind, level)] = cap
+                log(f"decode tp{tp} {kind} {level}: {cap:.3g} req/s per instance")
+                if level == "raw":
+                    levels += levels_worth_trying(perf, workload, link, base.slo.tpot_s, cap, opt.levels)
 
     # 3. instance counts, placement, level: analytic goodput from per-instance capacities
     analytic: list[Plan] = []

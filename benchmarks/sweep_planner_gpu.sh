@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Planner fidelity on one multi-GPU machine (dummy llama-3-8b, bf16, ShareGPT lengths trace):
+# profile -> plan (fast link) -> measured + simulated sweeps of the chosen plan and a runner-up
+# -> plan under an emulated slow link and a measured check of its codec choice.
+# Everything lands under $OUT/planner_gpu.tgz; a table is printed last.
+# Usage (device tool): bash benchmarks/sweep_planner_gpu.sh   [OUT, GPUS, LIMIT_S from the env]
+set -u
+OUT=${OUT:-runs/planner_gpu}; GPUS=${GPUS:-2}; LIMIT_S=${LIMIT_S:-420}
+W=$OUT/w; mkdir -p $W
+T0=$(date +%s); left() { echo $(( LIMIT_S - ($(date +%s) - T0) )); }
+TRACE=benchmarks/sweep_sharegpt_lengths.jsonl
+cat > $W/base.yaml <<YAML
+model: {name: llama-3-8b, weights: dummy, dtype: bfloat16}
+device: cuda
+prefill: {max_batch_tokens: 4096, memory_fraction: 0.85}
+decode: {max_batch_size: 64, memory_fraction: 0.85}
+kv_transfer: {transport: tcp, codec: raw, timeout_s: 60}
+slo: {ttft_s: 0.25, tpot_s: 0.05, attainment: 0.9}
+YAML
+sed 's/codec: raw, timeout_s: 60/codec: raw, link_gbps: 2.0, timeout_s: 60/' $W/base.yaml > $W/base_slow.yaml
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $W/cards.txt
+COMMON="--workload $TRACE --max-output-tokens 128 --max-prompt-tokens 1024 --gpus-per-node $GPUS"
+echo "== profile ($(left) s left)"
+timeout 150 splitserve profile $W/base.yaml --quick --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt
+echo "== plan, fast link ($(left) s left)"
+timeout 90 splitserve plan $W/base.yaml --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json \
+  --workload $TRACE --num-requests 400 --out $W/plan_fast.yaml 2>$W/plan_fast.log | tee $W/plan_fast.txt
+echo "== plan, emulated 2 Gb/s link ($(left) s left)"
+timeout 90 splitserve plan $W/base_slow.yaml --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json \
+  --workload $TRACE --num-requests 400 --out $W/plan_slow.yaml 2>$W/plan_slow.log | tee $W/plan_slow.txt
+# the runner-up: the best simulated plan with a different codec (or the next one)
+python3 - $W <<'PY'
+import json, sys, yaml
+w = sys.argv[1]
+side = json.load(open(f"{w}/plan_fast.json"))
+best = side["best"]
+other = next((p for p in side["runners_up"] if p["codec"] != best["codec"]), side["runners_up"][0] if side["runners_up"] else None)
+cfg = yaml.safe_load(open(f"{w}/plan_fast.yaml"))
+if other is None:  # nothing else was simulated: the same plan with another codec level
+    cfg["kv_transfer"]["codec"] = "int8" if best["codec"] == "raw" else "raw"
+else:
+    cfg["prefill"]["instances"], cfg["prefill"]["tp"] = other["prefill"]["instances"], other["prefill"]["tp"]
+    cfg["decode"]["instances"], cfg["decode"]["tp"] = other["decode"]["instances"], other["decode"]["tp"]
+    cfg["kv_transfer"]["codec"], cfg["placement"] = other["codec"], other["placement"]
+yaml.safe_dump(cfg, open(f"{w}/plan_runnerup.yaml", "w"), sort_keys=False)
+g = best["goodput"]
+rates = [round(g * f, 2) for f in (0.6, 0.9, 1.2)]
+open(f"{w}/rates.txt", "w").write(",".join(map(str, rates)))
+slow = json.load(open(f"{w}/plan_slow.json"))["best"]
+scfg = yaml.safe_load(open(f"{w}/plan_slow.yaml"))
+alt = dict(scfg); alt["kv_transfer"] = dict(scfg["kv_transfer"], codec=best["codec"] if slow["codec"] != best["codec"] else "raw")
+yaml.safe_dump(alt, open(f"{w}/plan_slow_alt.yaml", "w"), sort_keys=False)
+open(f"{w}/slow_rate.txt", "w").write(str(round(slow["goodput"] * 0.9, 2)))
+print("chosen", best["describe"], "runner-up", other and other["describe"], "rates", rates,
+      "slow-link choice", slow["describe"], "alt codec", alt["kv_transfer"]["codec"])
+PY
+RATES=$(cat $W/rates.txt); SLOW_RATE=$(cat $W/slow_rate.txt)
+for name in plan_fast plan_runnerup; do
+  [ $(left) -lt 90 ] && { echo "skip $name: out of time"; continue; }
+  echo "== sweep $name at $RATES ($(left) s left)"
+  timeout $(( $(left) - 30 )) splitserve sweep $W/$name.yaml --rates $RATES --num-requests 120 $COMMON \
+    --profile $W/profile.json --timeout 60 --out $W/sweep_$name 2>$W/sweep_$name.log | tee $W/sweep_$name.txt
+done
+for name in plan_slow plan_slow_alt; do
+  [ $(left) -lt 60 ] && { echo "skip $name: out of time"; continue; }
+  echo "== slow link: $name at $SLOW_RATE ($(left) s left)"
+  timeout $(( $(left) - 15 )) splitserve sweep $W/$name.yaml --rates $SLOW_RATE --num-requests 100 $COMMON \
+    --profile $W/profile.json --timeout 60 --out $W/sweep_$name 2>$W/sweep_$name.log | tee $W/sweep_$name.txt
+done
+tar czf $OUT/planner_gpu.tgz -C $W . 2>/dev/null
+echo "================ summary ($(cat $W/cards.txt | head -1))"
+for f in plan_fast plan_slow; do head -2 $W/$f.txt; done
+for f in sweep_plan_fast sweep_plan_runnerup sweep_plan_slow sweep_plan_slow_alt; do
+  echo "-- $f"; [ -f $W/$f.txt ] && cat $W/$f.txt; done

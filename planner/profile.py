@@ -1,0 +1,227 @@
+"""Measure the engine on the hardware at hand: what the latency and transfer models are fit to.
+
+    prefill   one engine step over `num_seqs` prompts of `length` tokens (LLMEngine.step, so
+              scheduling, input prep and sampling are in the time, as in the runtime)
+    decode    engine steps at batch B with every request at context C
+    link      loopback TCP throughput (the KV channel's transport), and on a GPU the
+              device-to-host copy the sender's gather does
+    codec     encode/decode speed and all-in bits/element of each level on real KV from a prefill
+
+Per TP size: TP=1 always; larger TP sizes only where the engine runs tensor parallel (not
+in this build: they are noted as skipped and the planner derives them from TP=1).
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from cluster.config import ClusterConfig
+from engine.config import EngineConfig, parse_dtype
+from engine.engine import LLMEngine
+from engine.request import SamplingParams
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+class EngineProfiler:
+    def __init__(self, config: ClusterConfig, quick: bool = False, log: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.quick = quick
+        self.log = log
+        source = config.model.source
+        self.model = source.model_config()
+        pool = config.decode
+        max_len = min(self.model.max_position_embeddings, config.engine.max_model_len or 4096)
+        self.max_batch_tokens = max(config.prefill.max_batch_tokens, 256)
+        self.max_batch = pool.max_batch_size
+        ec = EngineConfig(block_size=config.engine.block_size, num_blocks=None, max_num_seqs=max(self.max_batch, 64),
+                          max_num_batched_tokens=max(self.max_batch_tokens, 2048), max_model_len=max_len,
+                          dtype=parse_dtype(config.model.dtype), device=config.device,
+                          gpu_memory_fraction=pool.memory_fraction,
+                          cpu_kv_bytes=2 << 30, extra={"chunk_size": None})
+        # dummy weights time the same as real ones and load in a moment
+        self.engine = LLMEngine(self.model, ec, policy="continuous")
+        cuda = config.device == "cuda"
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.repeats = 3 if quick or not cuda else 5
+
+    def _add(self, n: int, length: int, max_tokens: int) -> list[Any]:
+        return [self.engine.add_request([1 + (i * 7 + j) % 1000 for j in range(length)],
+                                        SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for i in range(n)]
+
+    def _clear(self, reqs: list[Any]) -> None:
+        for r in reqs:
+            self.engine.abort(r.request_id)
+
+    def prefill_points(self) -> list[dict[str, float]]:
+        lengths = [16, 64, 256, 512, 1024, 2048, 4096]
+        lengths = [n for n in lengths if n <= self.max_batch_tokens]
+        rows = []
+        for length in lengths:
+            for num in (1, 2, 4, 8):
+                if num * length > self.max_batch_tokens or (self.quick and num not in (1, 4)):
+                    continue
+
+                def one() -> None:
+                    reqs = self._add(num, length, 2)
+                    self.engine.step()
+                    self._clear(reqs)
+                one()  # warm-up (and CUDA kernels' first launch)
+                t = _median_time(one, self.repeats, self.sync)
+                rows.append({"num_seqs": num, "length": length, "num_tokens": num * length,
+                             "attn": num * length * length, "time_s": t})
+                self.log(f"  prefill {num} x {length}: {t * 1e3:.2f} ms")
+        return rows
+
+    def decode_points(self) -> list[dict[str, float]]:
+        batches = sorted({b for b in (1, 4, 16, 32, 64, 128, 256) if b <= self.max_batch} | {self.max_batch})
+        contexts = [64, 256, 1024] if self.config.device == "cpu" else [128, 512, 2048]
+        budget = 16384 if self.config.device == "cpu" else 1 << 20  # tokens to prefill per point
+        rows = []
+        for b in batches:
+            for ctx in contexts:
+                if b * ctx > budget:
+                    continue
+                reqs = self._add(b, ctx, 64)
+                while any(r.in_prefill for r in reqs):
+                    self.engine.step()
+                self.engine.step()  # warm-up at this shape
+                t = _median_time(self.engine.step, self.repeats, self.sync)
+                rows.append({"batch": b, "context": ctx, "sum_context": b * (ctx + 2), "time_s": t})
+                self._clear(reqs)
+                self.log(f"  decode batch {b} context {ctx}: {t * 1e3:.2f} ms")
+        return rows
+
+    def sample_kv(self, num_tokens: int = 512) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], Any]:
+        """Real KV of one prompt (on CPU, as the channel sends it), per layer."""
+        from kernels.reference import gather_kv_blocks
+        reqs = self._add(1, num_tokens, 2)
+        self.engine.step()
+        cache = self.engine.runner.kv_cache
+        ids = torch.tensor(reqs[0].block_table, dtype=torch.int64, device=self.engine.runner.device)
+        layers = []
+        for i in range(self.model.num_layers):
+            k, v = gather_kv_blocks(*cache.layer(i), ids, num_tokens)
+            layers.append((k.cpu(), v.cpu()))
+        self._clear(reqs)
+        return layers, ids
+
+
+def loopback_tcp_bytes_per_s(total: int = 256 << 20, chunk: int = 4 << 20) -> float:
+    """Throughput of one TCP connection over loopback, like one KV channel."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    got = [0]
+
+    def sink() -> None:
+        conn, _ = server.accept()
+        while got[0] < total:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            got[0] += len(data)
+        conn.close()
+    th = threading.Thread(target=sink, daemon=True)
+    th.start()
+    s = socket.create_connection(server.getsockname())
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytes(chunk)
+    t = time.perf_counter()
+    sent = 0
+    while sent < total:
+        s.sendall(bytes(memoryview(buf)))  # the channel copies each body once, as here
+        sent += chunk
+    th.join()
+    dt = time.perf_counter() - t
+    s.close()
+    server.close()
+    return total / dt
+
+
+def codec_rates(layers: list[tuple[torch.Tensor, torch.Tensor]], levels: tuple[str, ...], max_layers: int = 4) -> dict[str, dict[str, float]]:
+    """Encode/decode speed (raw bytes per second) and all-in bits per element per level, with
+    the CPU codec the channel runs (LayerPacker / LayerUnpacker)."""
+    from kvtransfer.payload import LayerPacker, LayerUnpacker, layout_of
+    k0 = layers[0][0]
+    n, h, d = k0.shape
+    layout = layout_of(len(layers), h, d, k0.dtype)
+    out = {}
+    sample = layers[:max_layers]
+    raw = sum(k.numel() * k.element_size() * 2 for k, _ in sample)
+    for level in levels:
+        packer = LayerPacker(layout, level, n)
+        t = time.perf_counter()
+        bodies = [bytes(packer.pack(i, k, v)) for i, (k, v) in enumerate(sample)]
+        enc = time.perf_counter() - t
+        unpacker = LayerUnpacker(layout, level, n, packer.stream_header())
+        t = time.perf_counter()
+        for b in bodies:
+            unpacker.unpack(bytearray(b))
+        dec = time.perf_counter() - t
+        wire = sum(len(b) for b in bodies)
+        out[level] = {"encode_bytes_per_s": raw / enc, "decode_bytes_per_s": raw / dec,
+                      "bits_per_element": 8.0 * wire / (raw / k0.element_size()), "dtype_bits": 8 * k0.element_size()}
+    return out
+
+
+def device_to_host_bytes_per_s(nbytes: int = 64 << 20) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    x.cpu()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(3):
+        x.cpu()
+    return 3 * nbytes / (time.perf_counter() - t)
+
+
+def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] = ("raw", "lossless", "int8", "default", "aggressive"),
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    t0 = time.monotonic()
+    threads = config.engine.cpu_threads_per_instance or 1
+    if config.device == "cpu":
+        torch.set_num_threads(threads)
+    notes = []
+    prof = EngineProfiler(config, quick, log)
+    log("prefill steps")
+    pre = prof.prefill_points()
+    log("decode steps")
+    dec = prof.decode_points()
+    if config.prefill.tp > 1 or config.decode.tp > 1 or config.device == "cuda":
+        notes.append("TP>1 not profiled: the engine in this build runs one device per instance; "
+                     "the planner derives TP>1 step times from TP=1")
+    log("KV link and codec")
+    layers, _ = prof.sample_kv(min(512, prof.max_batch_tokens))
+    tcp = loopback_tcp_bytes_per_s()
+    codec = codec_rates(layers, levels)
+    name = torch.cuda.get_device_name() if config.device == "cuda" else "cpu"
+    out = {
+        "model": prof.model.name, "weights": config.model.weights, "dtype": config.model.dtype,
+        "device": config.device, "device_name": name, "num_threads": threads if config.device == "cpu" else None,
+        "block_size": config.engine.block_size,
+        "tp": {"1": {"prefill": pre, "decode": dec}},
+        "links": {"tcp": {"bytes_per_s": tcp, "per_layer_s": 0.0}},
+        "copy_bytes_per_s": device_to_host_bytes_per_s(),
+        "codec": codec,
+        "memory_bytes": torch.cuda.get_device_properties(0).total_memory if config.device == "cuda" else None,
+        "notes": notes, "profile_s": None,
+    }
+    out["profile_s"] = time.monotonic() - t0
+    return out

@@ -1,0 +1,46 @@
+"""`splitserve profile CONFIG --out profile.json`: measure step times, the KV link and the
+codec on this machine, and print the fitted latency model with its error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cluster.config import load_cluster_config
+from engine.errors import SplitserveError
+from planner.latency import fit_step_model
+from planner.profile import profile
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="cluster YAML: model, dtype, device, batch limits")
+    p.add_argument("--out", default="profile.json")
+    p.add_argument("--quick", action="store_true", help="fewer points (a minute on CPU)")
+    p.add_argument("--codecs", default="raw,lossless,int8,default,aggressive")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_cluster_config(args.config)
+    except SplitserveError as exc:
+        print(f"splitserve profile: {exc}", file=sys.stderr)
+        return 2
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    prof = profile(config, args.quick, tuple(args.codecs.split(",")), log)
+    for tp, entry in prof["tp"].items():
+        m = fit_step_model(int(tp), entry["prefill"], entry["decode"])
+        entry["fit"] = m.to_json()
+        print(f"tp{tp} prefill: {m.prefill.coef[0] * 1e3:.2f} ms + {m.prefill.coef[1] * 1e6:.2f} us/token + "
+              f"{m.prefill.coef[2] * 1e9:.3f} ns/token^2 (mean error {m.prefill.mean_rel_err:.1%})")
+        print(f"tp{tp} decode:  {m.decode.coef[0] * 1e3:.2f} ms + {m.decode.coef[1] * 1e9:.2f} ns/context token + "
+              f"{m.decode.coef[2] * 1e3:.3f} ms/seq (mean error {m.decode.mean_rel_err:.1%})")
+    print(f"KV link (loopback TCP): {prof['links']['tcp']['bytes_per_s'] / 1e9:.2f} GB/s")
+    for level, c in prof["codec"].items():
+        print(f"codec {level}: {c['bits_per_element']:.2f} bits/elem, encode {c['encode_bytes_per_s'] / 1e6:.0f} MB/s, "
+              f"decode {c['decode_bytes_per_s'] / 1e6:.0f} MB/s")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(prof, indent=1) + "\n")
+    print(f"  wrote {args.out} in {prof['profile_s']:.0f} s", file=sys.stderr)
+    return 0
