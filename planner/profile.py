@@ -47,6 +47,7 @@ class EngineProfiler:
         self.model = source.model_config()
         pool = config.decode
         max_len = min(self.model.max_position_embeddings, config.engine.max_model_len or 4096)
+        self.max_len = max_len
         self.max_batch_tokens = max(config.prefill.max_batch_tokens, 256)
         self.max_batch = pool.max_batch_size
         ec = EngineConfig(block_size=config.engine.block_size, num_blocks=None, max_num_seqs=max(self.max_batch, 64),
@@ -70,7 +71,7 @@ class EngineProfiler:
 
     def prefill_points(self) -> list[dict[str, float]]:
         lengths = [16, 64, 256, 512, 1024, 2048, 4096]
-        lengths = [n for n in lengths if n <= self.max_batch_tokens]
+        lengths = [n for n in lengths if n <= self.max_batch_tokens and n < self.max_len - 2]
         rows = []
         for length in lengths:
             for num in (1, 2, 4, 8):
@@ -95,7 +96,7 @@ class EngineProfiler:
         rows = []
         for b in batches:
             for ctx in contexts:
-                if b * ctx > budget:
+                if b * ctx > budget or ctx + 66 >= self.max_len:
                     continue
                 reqs = self._add(b, ctx, 64)
                 while any(r.in_prefill for r in reqs):
