@@ -1,17 +1,28 @@
-"""KV quantize / dequantize / symbol histogram on the GPU. Same results as the CPU reference
-(kvtransfer/codec/quant.py): one fp32 multiply, then round half away from zero by compares
-only (no arithmetic on the product, so no fused multiply-add can change a symbol).
+"""KV scales, quantize + histogram, dequantize on the GPU, all layers of a request per launch.
+Same integers and bytes as the CPU reference (kvtransfer/codec/quant.py): scales come from an
+exact integer mean (mantissas shifted by integer ops, summed in int32/int64), steps are one fp32
+multiply of an exactly built power-of-two scale, inverse steps are correctly rounded divisions,
+and rounding is compare-only (no arithmetic on the product, so no fused multiply-add can change
+a symbol).
 
 Datasheet
 ---------
-    quantize(x, inv, gdiv, gmod, max_q) -> uint8 symbols [S, n]
-        x    [S, T, R] view (any segment/token strides, R = heads * head_dim contiguous), fp16/bf16/fp32
-        inv  fp32 [S, G]: element i of a segment uses inv[s, (i // gdiv) % gmod]
-        symbol = q + max_q for |q| <= max_q, else 2 * max_q + 1 (escape)
-    dequantize(syms, step, gdiv, gmod, max_q, dtype, lim) -> [S, n] dtype (escapes come out 0)
+Input `kv` [L, 2, T, H, D] contiguous fp16/bf16/fp32 (K at 1 index 0, V at 1); segment
+s = 2 * layer + j. Only tokens [lo, hi) are quantized (the others are sent exact), but every
+token is checked for inf/NaN. Scale modes per K/V (constexpr): HEAD (one group per head over all
+tokens), CHANNEL (per head and channel over all tokens), TOKEN_HEAD (per token and head).
+
+    scale_stats(kv, lo, hi, k_mode, v_mode, ws)         launch 1 (+ launch 2 for HEAD/CHANNEL)
+        HEAD/CHANNEL: atomic max of |x| bits, then atomic int64 sum of the fixed-point mantissas
+        TOKEN_HEAD:   each row's code directly, and the atomic max code per segment
+    quantize_histogram(kv, lo, hi, alpha_band, ws, ...) launch 3
+        -> syms uint8 [S, n], rel uint8 [S, GMAX] (scale side info), step fp32 [S, GMAX],
+           base int32 [S] (+ CODE_OFFSET), counts int32 [S * H, A] (per (segment, head) tables)
+    dequantize(syms, step, gdiv, gmod, max_q, dtype) -> [S, n] (escapes come out 0)
     histogram(syms, num_tables, tab_div, tab_mod, A) -> int32 [S * num_tables, A]
-Grid: (S, cdiv(n, BLOCK)); BLOCK = 2048 elements per program. Pure bandwidth apart from the
-histogram's atomics (integer, so the counts do not depend on their order).
+Flat element i of a segment's quantized part: token lo + i // (H * D), head (i // D) % H.
+Grids: (S, cdiv(tokens, TOK_PER_PROG)); each program walks its tokens in [BT, HP, DP] tiles and
+issues its atomics once (per-program histograms via tl.histogram).
 """
 
 from __future__ import annotations
@@ -20,25 +31,282 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["quantize", "dequantize", "histogram"]
+from kernels.codec_rans import _cast_rne
+
+__all__ = ["MODES", "CODE_OFFSET", "Workspace", "scale_stats", "quantize_histogram", "dequantize", "histogram"]
+
+MODES = {"head": 0, "channel": 1, "token_head": 2}
+CODE_OFFSET = 4096      # codes are >= -1400; base is kept as code + CODE_OFFSET > 0 (zero-init atomics)
+FRAC_BITS = 20
+CODE_ZERO = -800
+TOK_PER_PROG = 32
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, inv_ptr, out_ptr, n, row, stride_s, stride_t, num_g, gdiv, gmod,
-                     MAX_Q: tl.constexpr, BLOCK: tl.constexpr):
-    s = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = i < n
-    xv = tl.load(x_ptr + s * stride_s + (i // row) * stride_t + i % row, mask=m, other=0).to(tl.float32)
-    inv = tl.load(inv_ptr + s * num_g + (i // gdiv) % gmod, mask=m, other=1.0)
-    y = xv * inv
-    y = tl.minimum(tl.maximum(y, -1048576.0), 1048576.0)
-    t = y.to(tl.int32)                      # truncates toward zero
-    tf = t.to(tl.float32)
-    q = t + (y >= tf + 0.5).to(tl.int32) - (y <= tf - 0.5).to(tl.int32)
-    esc = (q > MAX_Q) | (q < -MAX_Q)
-    sym = tl.where(esc, 2 * MAX_Q + 1, q + MAX_Q)
-    tl.store(out_ptr + s * n + i, sym.to(tl.uint8), mask=m)
+def _frexp_exp(bits):
+    """Exponent E of frexp(|x|) (|x| = f * 2^E, f in [0.5, 1)) from |x|'s fp32 bits (> 0)."""
+    e = (bits >> 23) & 255
+    mant = bits & 0x7FFFFF
+    sub_len = ((mant.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 126  # bit length of mant
+    return tl.where(e > 0, e - 126, sub_len - 149)
+
+
+@triton.jit
+def _fixed_mantissa(bits, big_e):
+    """floor(|x| * 2^(20 - E)) from |x|'s fp32 bits (|x| < 2^E), by integer shifts only."""
+    e = (bits >> 23) & 255
+    m = tl.where(e > 0, (bits & 0x7FFFFF) | 0x800000, bits & 0x7FFFFF)
+    ex = tl.where(e > 0, e - 127, -126)
+    sh = big_e + 3 - ex
+    return tl.where(sh < 31, m >> tl.minimum(sh, 31), 0)
+
+
+@triton.jit
+def _code(amax_bits, total, count):
+    """1/8-octave log code of mean |x| (see quant.meanabs_codes)."""
+    big_e = _frexp_exp(tl.maximum(amax_bits, 1))
+    mean = tl.maximum(total // count, 1).to(tl.int32)
+    b = ((mean.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 126   # bit length of mean
+    frac = tl.where(b >= 4, mean >> tl.maximum(b - 4, 0), mean << tl.maximum(4 - b, 0)) & 7
+    code = 8 * (b - 1 + big_e - 20) + frac
+    return tl.where(amax_bits > 0, code, -800)
+
+
+@triton.jit
+def _scale_bits(code):
+    """fp32 scale 2^(code >> 3) * (1 + (code % 8 + 0.5) / 8), built from bits (exact)."""
+    e = tl.minimum(tl.maximum(code >> 3, -100), 100)
+    return (((e + 127) << 23) | ((1 + 2 * (code & 7)) << 19)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile(kv_ptr, seg, t0, T, H, D, BT: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr):
+    """Offsets and in-range mask of the [BT, HP, DP] tile at token t0 of segment seg."""
+    tt = t0 + tl.arange(0, BT)[:, None, None]
+    hh = tl.arange(0, HP)[None, :, None]
+    dd = tl.arange(0, DP)[None, None, :]
+    ok = (tt < T) & (hh < H) & (dd < D)
+    off = seg.to(tl.int64) * T * H * D + tt.to(tl.int64) * H * D + hh * D + dd
+    return off, ok, tt, hh, dd
+
+
+@triton.jit
+def _stats_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, flag_ptr, seg, t_begin, t_end, lo, hi, T, H, D,
+                GMAX, MODE: tl.constexpr, SECOND: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr,
+                DP: tl.constexpr):
+    hv = tl.arange(0, HP)[:, None]
+    dv = tl.arange(0, DP)[None, :]
+    if MODE == 0:
+        gid = hv + dv * 0                                         # [HP, DP] group of each column
+    else:
+        gid = hv * D + dv
+    gok = (hv < H) & (dv < D)
+    acc_max = tl.zeros([HP, DP], tl.int32)
+    acc_sum = tl.zeros([HP, DP], tl.int64)
+    big_e = tl.zeros([HP, DP], tl.int32)
+    if SECOND:
+        big_e = _frexp_exp(tl.maximum(tl.load(amax_ptr + seg * GMAX + gid, mask=gok, other=1), 1))
+    row_max = -2147483647
+    bad = 0
+    for t0 in range(t_begin, t_end, BT):
+        off, ok, tt, hh, dd = _tile(kv_ptr, seg, t0, T, H, D, BT, HP, DP)
+        x = tl.load(kv_ptr + off, mask=ok & (tt < t_end), other=0).to(tl.float32)
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        qok = ok & (tt >= lo) & (tt < hi) & (tt < t_end)
+        if not SECOND:
+            bad += tl.sum(tl.sum(tl.sum(((bits >= 0x7F800000) & ok & (tt < t_end)).to(tl.int32), 2), 1), 0)
+        if MODE == 2:
+            if not SECOND:
+                ramax = tl.max(tl.where(qok, bits, 0), 2)                       # [BT, HP]
+                m = _fixed_mantissa(bits, _frexp_exp(tl.maximum(ramax, 1))[:, :, None])
+                rsum = tl.sum(tl.where(qok, m, 0), 2)
+                code = _code(ramax, rsum, D)
+                t2 = t0 + tl.arange(0, BT)[:, None]
+                h2 = tl.arange(0, HP)[None, :]
+                rok = (t2 >= lo) & (t2 < hi) & (h2 < H) & (t2 < t_end)
+                tl.store(codes_ptr + seg * GMAX + (t2 - lo) * H + h2, code, mask=rok)
+                row_max = tl.maximum(row_max, tl.max(tl.max(tl.where(rok, code, -2147483647), 1), 0))
+        else:
+            if SECOND:
+                m = _fixed_mantissa(bits, big_e[None, :, :])
+                acc_sum += tl.sum(tl.where(qok, m, 0), 0).to(tl.int64)
+            else:
+                acc_max = tl.maximum(acc_max, tl.max(tl.where(qok, bits, 0), 0))
+    if not SECOND:
+        if bad > 0:
+            tl.atomic_max(flag_ptr, 1)
+    if MODE == 2:
+        if not SECOND:
+            tl.atomic_max(base_ptr + seg, row_max + 4096)
+    elif MODE == 0:
+        if SECOND:
+            tl.atomic_add(sums_ptr + seg * GMAX + tl.arange(0, HP), tl.sum(acc_sum, 1), mask=tl.arange(0, HP) < H)
+        else:
+            tl.atomic_max(amax_ptr + seg * GMAX + tl.arange(0, HP), tl.max(acc_max, 1), mask=tl.arange(0, HP) < H)
+    else:
+        if SECOND:
+            tl.atomic_add(sums_ptr + seg * GMAX + gid, acc_sum, mask=gok)
+        else:
+            tl.atomic_max(amax_ptr + seg * GMAX + gid, acc_max, mask=gok)
+
+
+@triton.jit
+def _stats_kernel(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, flag_ptr, lo, hi, T, H, D, GMAX, span,
+                  K_MODE: tl.constexpr, V_MODE: tl.constexpr, SECOND: tl.constexpr, BT: tl.constexpr,
+                  HP: tl.constexpr, DP: tl.constexpr):
+    seg = tl.program_id(0)
+    if SECOND:
+        t_begin = lo + tl.program_id(1) * span
+        t_end = tl.minimum(t_begin + span, hi)
+    else:
+        t_begin = tl.program_id(1) * span
+        t_end = tl.minimum(t_begin + span, T)
+    if seg % 2 == 0:
+        if (not SECOND) or K_MODE != 2:
+            _stats_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, flag_ptr, seg, t_begin, t_end, lo, hi, T,
+                        H, D, GMAX, K_MODE, SECOND, BT, HP, DP)
+    else:
+        if (not SECOND) or V_MODE != 2:
+            _stats_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, flag_ptr, seg, t_begin, t_end, lo, hi, T,
+                        H, D, GMAX, V_MODE, SECOND, BT, HP, DP)
+
+
+@triton.jit
+def _quant_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr, al,
+                seg, t_begin, t_end, lo, hi, T, H, D, GMAX, n, MODE: tl.constexpr, MAX_Q: tl.constexpr,
+                A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr):
+    tq = hi - lo
+    hv = tl.arange(0, HP)[:, None]
+    dv = tl.arange(0, DP)[None, :]
+    gok = (hv < H) & (dv < D)
+    inv_g = tl.zeros([HP, DP], tl.float32)
+    if MODE != 2:   # one step per head or channel for the whole segment: build it once
+        if MODE == 0:
+            gid = hv + dv * 0
+            cnt = tq * D
+            wmask = gok & (dv == 0)
+        else:
+            gid = hv * D + dv
+            cnt = tq
+            wmask = gok
+        code = _code(tl.load(amax_ptr + seg * GMAX + gid, mask=gok, other=0),
+                     tl.load(sums_ptr + seg * GMAX + gid, mask=gok, other=0), cnt)
+        base = tl.max(tl.max(tl.where(gok, code, -2147483647), 1), 0)
+        rel = tl.minimum(base - code, 255)
+        step = al * _scale_bits(base - rel)
+        step = tl.where(step > 0, step, 1.0)
+        inv_g = tl.math.div_rn(tl.full([HP, DP], 1.0, tl.float32), step)
+        if t_begin == lo:
+            tl.store(rel_ptr + seg * GMAX + gid, rel.to(tl.uint8), mask=wmask)
+            tl.store(step_ptr + seg * GMAX + gid, step, mask=wmask)
+            tl.store(base_ptr + seg, base + 4096)
+    else:
+        base = tl.load(base_ptr + seg) - 4096
+    hist = tl.zeros([HP * AP], tl.int32)
+    num_pad = 0
+    for t0 in range(t_begin, t_end, BT):
+        off, ok, tt, hh, dd = _tile(kv_ptr, seg, t0, T, H, D, BT, HP, DP)
+        ok = ok & (tt < t_end)
+        x = tl.load(kv_ptr + off, mask=ok, other=0).to(tl.float32)
+        if MODE == 2:
+            t2 = t0 + tl.arange(0, BT)[:, None]
+            h2 = tl.arange(0, HP)[None, :]
+            rok = (t2 < t_end) & (h2 < H)
+            r = (t2 - lo) * H + h2
+            code = tl.load(codes_ptr + seg * GMAX + r, mask=rok, other=0)
+            rel = tl.minimum(base - code, 255)
+            step = al * _scale_bits(base - rel)
+            step = tl.where(step > 0, step, 1.0)
+            inv = tl.math.div_rn(tl.full([BT, HP], 1.0, tl.float32), step)
+            tl.store(rel_ptr + seg * GMAX + r, rel.to(tl.uint8), mask=rok)
+            tl.store(step_ptr + seg * GMAX + r, step, mask=rok)
+            y = x * inv[:, :, None]
+        else:
+            y = x * inv_g[None, :, :]
+        y = tl.minimum(tl.maximum(y, -1048576.0), 1048576.0)
+        t = y.to(tl.int32)                      # truncates toward zero
+        tf = t.to(tl.float32)
+        q = t + (y >= tf + 0.5).to(tl.int32) - (y <= tf - 0.5).to(tl.int32)
+        esc = (q > MAX_Q) | (q < -MAX_Q)
+        sym = tl.where(esc, 2 * MAX_Q + 1, q + MAX_Q)
+        i = (tt - lo).to(tl.int64) * H * D + hh * D + dd
+        tl.store(sym_ptr + seg.to(tl.int64) * n + i, sym.to(tl.uint8), mask=ok)
+        key = tl.where(ok, hh * AP + sym, 0)
+        hist += tl.histogram(tl.reshape(key, [BT * HP * DP]), HP * AP)
+        num_pad += BT * HP * DP - tl.sum(tl.sum(tl.sum(ok.to(tl.int32), 2), 1), 0)
+    bins = tl.arange(0, HP * AP)
+    hist = hist - tl.where(bins == 0, num_pad, 0)
+    bh, bs = bins // AP, bins % AP
+    tl.atomic_add(counts_ptr + seg * H * A + bh * A + bs, hist, mask=(hist != 0) & (bh < H) & (bs < A))
+
+
+@triton.jit
+def _quant_kernel(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr, al_ptr,
+                  lo, hi, T, H, D, GMAX, n, span, K_MODE: tl.constexpr, V_MODE: tl.constexpr, MAX_Q: tl.constexpr,
+                  A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr):
+    seg = tl.program_id(0)
+    t_begin = lo + tl.program_id(1) * span
+    t_end = tl.minimum(t_begin + span, hi)
+    al = tl.load(al_ptr + seg)
+    if seg % 2 == 0:
+        _quant_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr, al,
+                    seg, t_begin, t_end, lo, hi, T, H, D, GMAX, n, K_MODE, MAX_Q, A, AP, BT, HP, DP)
+    else:
+        _quant_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr, al,
+                    seg, t_begin, t_end, lo, hi, T, H, D, GMAX, n, V_MODE, MAX_Q, A, AP, BT, HP, DP)
+
+
+class Workspace:
+    """Device buffers of one quantize call ([S, GMAX] per-group scratch and side info)."""
+
+    def __init__(self, s_count: int, gmax: int, num_heads: int, alphabet: int, device: torch.device) -> None:
+        # one memset for every zero-initialized int32 buffer: amax bits, base, flag, histogram
+        z = torch.zeros(s_count * gmax + s_count + 1 + s_count * num_heads * alphabet, dtype=torch.int32,
+                        device=device)
+        self.amax = z[:s_count * gmax]
+        self.base = z[s_count * gmax:s_count * gmax + s_count]
+        self.flag = z[s_count * gmax + s_count:s_count * gmax + s_count + 1]
+        self.counts = z[s_count * gmax + s_count + 1:].view(s_count * num_heads, alphabet)
+        self.sums = torch.zeros(s_count * gmax, dtype=torch.int64, device=device)
+        self.codes = torch.empty(s_count * gmax, dtype=torch.int32, device=device)
+        self.rel = torch.empty((s_count, gmax), dtype=torch.uint8, device=device)
+        self.step = torch.empty((s_count, gmax), dtype=torch.float32, device=device)
+        self.gmax = gmax
+
+
+def _tile_shape(h: int, d: int) -> tuple[int, int, int]:
+    hp, dp = triton.next_power_of_2(h), triton.next_power_of_2(d)
+    return max(1, 4096 // (hp * dp)), hp, dp
+
+
+def scale_stats(kv: torch.Tensor, lo: int, hi: int, k_mode: int, v_mode: int, ws: Workspace) -> None:
+    if kv.dim() != 5 or kv.shape[1] != 2 or not kv.is_contiguous():
+        raise ValueError("kv must be contiguous [L, 2, T, H, D]")
+    nl, _, t, h, d = kv.shape
+    bt, hp, dp = _tile_shape(h, d)
+    grid = (2 * nl, triton.cdiv(t, TOK_PER_PROG))
+    _stats_kernel[grid](kv, ws.amax, ws.sums, ws.codes, ws.base, ws.flag, lo, hi, t, h, d, ws.gmax, TOK_PER_PROG,
+                        K_MODE=k_mode, V_MODE=v_mode, SECOND=False, BT=bt, HP=hp, DP=dp)
+    if k_mode != 2 or v_mode != 2:
+        grid = (2 * nl, triton.cdiv(hi - lo, TOK_PER_PROG))
+        _stats_kernel[grid](kv, ws.amax, ws.sums, ws.codes, ws.base, ws.flag, lo, hi, t, h, d, ws.gmax,
+                            TOK_PER_PROG, K_MODE=k_mode, V_MODE=v_mode, SECOND=True, BT=bt, HP=hp, DP=dp)
+
+
+def quantize_histogram(kv: torch.Tensor, lo: int, hi: int, alpha_band: torch.Tensor, k_mode: int, v_mode: int,
+                       max_q: int, ws: Workspace) -> torch.Tensor:
+    """-> syms uint8 [S, (hi - lo) * H * D]; fills ws.rel / ws.step / ws.base / ws.counts.
+    alpha_band: fp32 [S], fp32(alpha * band multiplier) of each segment."""
+    nl, _, t, h, d = kv.shape
+    n = (hi - lo) * h * d
+    syms = torch.empty((2 * nl, n), dtype=torch.uint8, device=kv.device)
+    if n:
+        bt, hp, dp = _tile_shape(h, d)
+        grid = (2 * nl, triton.cdiv(hi - lo, TOK_PER_PROG))
+        _quant_kernel[grid](kv, ws.amax, ws.sums, ws.codes, ws.base, ws.rel, ws.step, syms, ws.counts, alpha_band,
+                            lo, hi, t, h, d, ws.gmax, n, TOK_PER_PROG, K_MODE=k_mode, V_MODE=v_mode, MAX_Q=max_q,
+                            A=2 * max_q + 2, AP=triton.next_power_of_2(2 * max_q + 2), BT=bt, HP=hp, DP=dp)
+    return syms
 
 
 @triton.jit
@@ -52,34 +320,28 @@ def _dequantize_kernel(sym_ptr, step_ptr, out_ptr, n, num_g, gdiv, gmod, lim,
     q = tl.where(sym == 2 * MAX_Q + 1, 0, sym - MAX_Q)
     v = q.to(tl.float32) * step
     v = tl.minimum(tl.maximum(v, -lim), lim)
-    tl.store(out_ptr + s * n + i, v.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + s * n + i, _cast_rne(v, out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _histogram_kernel(sym_ptr, counts_ptr, n, num_tables, tab_div, tab_mod, A: tl.constexpr, BLOCK: tl.constexpr):
+def _histogram_kernel(sym_ptr, counts_ptr, n, num_tables, tab_div, tab_mod, A: tl.constexpr, NB: tl.constexpr,
+                      BLOCK: tl.constexpr, ITERS: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = i < n
-    sym = tl.load(sym_ptr + s * n + i, mask=m, other=0).to(tl.int64)
-    tab = s * num_tables + (i // tab_div) % tab_mod
-    tl.atomic_add(counts_ptr + tab * A + sym, tl.full([BLOCK], 1, tl.int32), mask=m)
+    hist = tl.zeros([NB], tl.int32)
+    num_pad = 0
+    for it in range(ITERS):
+        i = (tl.program_id(1).to(tl.int64) * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        sym = tl.load(sym_ptr + s * n + i, mask=m, other=0).to(tl.int32)
+        key = tl.where(m, ((i // tab_div) % tab_mod).to(tl.int32) * A + sym, 0)
+        hist += tl.histogram(key, NB)
+        num_pad += BLOCK - tl.sum(m.to(tl.int32), 0)
+    bins = tl.arange(0, NB)
+    hist = hist - tl.where(bins == 0, num_pad, 0)
+    tl.atomic_add(counts_ptr + s * num_tables * A + bins, hist, mask=(hist != 0) & (bins < num_tables * A))
 
 
 BLOCK = 2048
-
-
-def quantize(x: torch.Tensor, inv: torch.Tensor, gdiv: int, gmod: int, max_q: int) -> torch.Tensor:
-    if x.dim() != 3 or x.stride(2) != 1:
-        raise ValueError("x must be [S, T, R] with contiguous rows")
-    if inv.dtype != torch.float32 or inv.dim() != 2 or inv.shape[0] != x.shape[0] or not inv.is_contiguous():
-        raise ValueError("inv must be contiguous fp32 [S, G]")
-    s_count, t, row = x.shape
-    n = t * row
-    out = torch.empty((s_count, n), dtype=torch.uint8, device=x.device)
-    if n:
-        _quantize_kernel[(s_count, triton.cdiv(n, BLOCK))](x, inv, out, n, row, x.stride(0), x.stride(1),
-                                                           inv.shape[1], gdiv, gmod, MAX_Q=max_q, BLOCK=BLOCK)
-    return out
 
 
 def dequantize(syms: torch.Tensor, step: torch.Tensor, gdiv: int, gmod: int, max_q: int,
@@ -94,9 +356,14 @@ def dequantize(syms: torch.Tensor, step: torch.Tensor, gdiv: int, gmod: int, max
 
 
 def histogram(syms: torch.Tensor, num_tables: int, tab_div: int, tab_mod: int, alphabet: int) -> torch.Tensor:
+    """Per-(segment, table) symbol counts; tables are (i // tab_div) % tab_mod (<= 16 x 256 bins)."""
     s_count, n = syms.shape
+    if num_tables != tab_mod or num_tables * alphabet > 4096:
+        raise ValueError("histogram takes tables (i // tab_div) % num_tables with num_tables * A <= 4096")
     counts = torch.zeros((s_count * num_tables, alphabet), dtype=torch.int32, device=syms.device)
     if n:
-        _histogram_kernel[(s_count, triton.cdiv(n, BLOCK))](syms, counts, n, num_tables, tab_div, tab_mod,
-                                                            A=alphabet, BLOCK=BLOCK)
+        iters = 8
+        _histogram_kernel[(s_count, triton.cdiv(n, BLOCK * iters))](
+            syms, counts, n, num_tables, tab_div, tab_mod, A=alphabet,
+            NB=triton.next_power_of_2(num_tables * alphabet), BLOCK=BLOCK, ITERS=iters)
     return counts

@@ -5,7 +5,9 @@
     dec = KVDecoder(wire[0], expect=fingerprint)
     k_i, v_i = dec.decode_layer(wire[1 + i])        # any order, as sections arrive
 
-K and V are [num_tokens, num_kv_heads, head_dim] in the fingerprint's dtype, on CPU.
+K and V are [num_tokens, num_kv_heads, head_dim] in the fingerprint's dtype. On a GPU, levels
+with a device path (gpu.supports) are coded there, all given layers in the same launches, to the
+same bytes as the CPU reference; everything else is coded on the CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kvtransfer.codec import gpu
 from kvtransfer.codec.errors import CodecError
 from kvtransfer.codec.format import (ModelFingerprint, StreamHeader, dtype_name, frame_section, parse_header,
                                      parse_section, split_stream)
@@ -54,10 +57,14 @@ class KVEncoder:
 
     def encode_layers(self, layers: Sequence[tuple[int, Tensor, Tensor]]) -> list[bytes]:
         """Sections of several layers, coded as one batch (faster on CPU), each decodable alone."""
-        items = []
         for i, k, v in layers:
             self._check(i, k, v)
-            items.append((i, k.detach().cpu().contiguous(), v.detach().cpu().contiguous()))
+        if layers and gpu.on_device(layers[0][1]) and gpu.supports(self.h.level):
+            ids = [i for i, _, _ in layers]
+            kv = torch.stack([torch.stack([k.detach(), v.detach()]) for _, k, v in layers])  # [L, 2, T, H, D]
+            return [frame_section(p) for p in gpu.payloads(self.h, kv, gpu.encode_device(self.h, kv, layer_ids=ids),
+                                                           layer_ids=ids)]
+        items = [(i, k.detach().cpu().contiguous(), v.detach().cpu().contiguous()) for i, k, v in layers]
         return [frame_section(p) for p in self._encode(self.h, items)]
 
     def encode_layer(self, layer_idx: int, k: Tensor, v: Tensor) -> bytes:
