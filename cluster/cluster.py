@@ -10,7 +10,7 @@ from typing import Any
 from cluster.config import ClusterConfig
 from cluster.frontend import Frontend, Tracked
 from cluster.instance import Instance
-from cluster.launcher import launch, plan_instances
+from cluster.launcher import InstancePlan, launch, plan_instances
 from cluster.pools import InProcessPool, RayInstancePool
 from cluster.router import Router
 from engine.errors import ConfigError
@@ -31,8 +31,8 @@ class Cluster:
         self._ids = itertools.count()
 
     @classmethod
-    def start(cls, config: ClusterConfig) -> "Cluster":
-        pool, info = launch(config)
+    def start(cls, config: ClusterConfig, plans: list[InstancePlan] | None = None) -> "Cluster":
+        pool, info = launch(config, plans=plans)
         return cls(config, pool, info)
 
     @classmethod
@@ -51,9 +51,10 @@ class Cluster:
     # ---- requests ------------------------------------------------------------------------------
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-               arrival_s: float | None = None, on_event: Any = None) -> str:
+               arrival_s: float | None = None, on_event: Any = None,
+               route: tuple[str, str | None] | None = None) -> str:
         rid = request_id or f"req-{next(self._ids)}"
-        self.frontend.submit(rid, prompt_token_ids, params, arrival_s, on_event)
+        self.frontend.submit(rid, prompt_token_ids, params, arrival_s, on_event, route)
         return rid
 
     def wait(self, request_ids: list[str] | None = None, timeout_s: float = 600.0) -> None:

@@ -44,6 +44,7 @@ class Tracked:
     decode: str | None = None
     retries: int = 0
     failed_decodes: list[str] = field(default_factory=list)
+    route: tuple[str, str | None] | None = None   # pinned (prefill, decode) instances
     first_token_s: float | None = None
     last_token_s: float | None = None
     tokens: list[int] = field(default_factory=list)
@@ -69,11 +70,13 @@ class Frontend:
     # ---- requests ------------------------------------------------------------------------------
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               arrival_s: float | None = None, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+               arrival_s: float | None = None, on_event: Callable[[dict[str, Any]], None] | None = None,
+               route: tuple[str, str | None] | None = None) -> None:
+        """`route` pins the request to a (prefill, decode) pair instead of the router's choice."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = Request(request_id, list(prompt_token_ids), params, self.clock() if arrival_s is None else arrival_s)
-        self.requests[request_id] = Tracked(req, on_event)
+        self.requests[request_id] = Tracked(req, on_event, route=route)
         self.pending.append(request_id)
         self._dispatch()
 
@@ -96,9 +99,12 @@ class Frontend:
         while self.pending:
             t = self.requests[self.pending[0]]
             n = t.request.num_prompt_tokens
-            prefill = self.router.pick_prefill(n)
-            decode = self.router.pick_decode(prefill, n, tuple(t.failed_decodes)) if (
-                prefill and self.disaggregated) else None
+            if t.route is not None and not t.failed_decodes:
+                prefill, decode = t.route
+            else:
+                prefill = self.router.pick_prefill(n)
+                decode = self.router.pick_decode(prefill, n, tuple(t.failed_decodes)) if (
+                    prefill and self.disaggregated) else None
             if prefill is None or (self.disaggregated and decode is None):
                 if not any(p.alive for p in self.router.prefill.values()) or (
                         self.disaggregated and not any(d.alive for d in self.router.decode.values())):

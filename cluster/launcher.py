@@ -58,11 +58,11 @@ def check_gpus(config: ClusterConfig, available_gpus: int) -> None:
                           f"has {have}; lower prefill.instances, decode.instances or their tp")
 
 
-def check_tp(config: ClusterConfig) -> None:
-    """Each pool's TP size must divide the model's heads and MLP."""
+def check_tp(config: ClusterConfig, plans: list[InstancePlan]) -> None:
+    """Each instance's TP size must divide the model's heads and MLP."""
     model_config = config.model.source.model_config()
-    validate_tp(model_config, config.prefill.tp, "prefill.tp")
-    validate_tp(model_config, config.decode.tp, "decode.tp")
+    for p in plans:
+        validate_tp(model_config, p.tp, f"{p.name.split('-')[0]}.tp")
 
 
 def _placement_groups(config: ClusterConfig, plans: list[InstancePlan]) -> dict[str, tuple[Any, int]]:
@@ -88,12 +88,14 @@ def _placement_groups(config: ClusterConfig, plans: list[InstancePlan]) -> dict[
     return out
 
 
-def launch(config: ClusterConfig, ready_timeout_s: float = 300.0) -> tuple[RayInstancePool, dict[str, dict[str, Any]]]:
+def launch(config: ClusterConfig, ready_timeout_s: float = 300.0,
+           plans: list[InstancePlan] | None = None) -> tuple[RayInstancePool, dict[str, dict[str, Any]]]:
+    """Start the config's instances (or explicit `plans`, e.g. mixed TP sizes) on Ray."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    plans = plan_instances(config)
-    check_tp(config)
+    plans = plans or plan_instances(config)
+    check_tp(config, plans)
     # 1. Ray: the one given by RAY_ADDRESS (ray job submit), else a local one.
     start_ray(config, sum(p.tp for p in plans))
     check_gpus(config, int(ray.cluster_resources().get("GPU", 0)))
@@ -101,6 +103,10 @@ def launch(config: ClusterConfig, ready_timeout_s: float = 300.0) -> tuple[RayIn
     config.model.source.directory
     # 3. Placement groups, then one actor per instance in its group.
     groups = _placement_groups(config, plans)
+    need_cpus, have_cpus = sum(p.tp for p in plans), ray.cluster_resources().get("CPU", 0)
+    if need_cpus > have_cpus:
+        raise ConfigError(f"prefill/decode: {need_cpus} ranks need {need_cpus} CPUs in the Ray cluster, which has "
+                          f"{have_cpus:g}; start Ray with more --num-cpus or use fewer instances")
     try:
         ray.get([pg.ready() for pg, _ in {id(g[0]): g for g in groups.values()}.values()], timeout=120)
     except ray.exceptions.GetTimeoutError:
