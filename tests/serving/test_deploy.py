@@ -143,3 +143,17 @@ def test_app_builder_rejects_unknown_args():
 
     with pytest.raises(ValueError, match="config=PATH"):
         app_builder({"cfg": "deploy/local.yaml"})
+
+
+def test_ci_workflow_runs_the_cpu_suite_and_the_gpu_job():
+    workflow = yaml.safe_load((ROOT / ".github/workflows/ci.yml").read_text())
+    triggers = workflow.get("on", workflow.get(True))   # YAML 1.1 reads a bare `on` as True
+    assert "push" in triggers
+    cpu, gpu = workflow["jobs"]["cpu"], workflow["jobs"]["gpu"]
+    assert cpu["runs-on"] == "ubuntu-latest" and any("pytest" in s.get("run", "") for s in cpu["steps"])
+    assert "self-hosted" in gpu["runs-on"] and gpu["needs"] == "cpu"
+    runs = "\n".join(s.get("run", "") for s in gpu["steps"])
+    assert "-m gpu" in runs
+    for path in re.findall(r"deploy/[\w.-]+\.(?:sh|yaml)", runs):
+        assert (ROOT / path).exists(), path
+    subprocess.run(["bash", "-n", str(DEPLOY / "slo-sweep.sh")], check=True)
