@@ -33,6 +33,7 @@ def free_port() -> int:
 class Server:
     port: int
     log: Path
+    metrics_port: int | None = None   # Ray's Prometheus exporter
 
     @property
     def base_url(self) -> str:
@@ -78,13 +79,14 @@ def is_idle(s: dict[str, Any]) -> bool:
 
 
 def start_server(config: str, log: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Server]:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     with open(log, "wb") as out:
-        proc = subprocess.Popen([SPLITSERVE, "serve", config, "--host", HOST, "--port", str(port), *extra],
+        proc = subprocess.Popen([SPLITSERVE, "serve", config, "--host", HOST, "--port", str(port),
+                                 "--metrics-export-port", str(metrics_port), *extra],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    server = Server(port, log)
+    server = Server(port, log, metrics_port)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:

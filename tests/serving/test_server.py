@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -215,3 +216,22 @@ def test_load_under_overload_answers_429_and_loses_nothing(server):
     stats = server.wait_idle(timeout_s=30)
     assert all(is_idle(s) for s in stats.values()), stats
     print(f"load: {num_clients} requests, {num_throttled} throttled, {elapsed:.1f} s")
+
+
+def test_rays_prometheus_endpoint_exports_the_same_counts(server):
+    """Ray's exporter flushes every few seconds: poll it (bounded) until it caught up."""
+    import urllib.request
+
+    want = server.get("/metrics")["requests_by_status"]["ok"]
+    pattern = re.compile(r'^ray_splitserve_requests_total\{[^}]*status="ok"[^}]*\} ([0-9.e+]+)$', re.M)
+    deadline, seen = time.monotonic() + 40, None
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://{HOST}:{server.metrics_port}/metrics", timeout=10).read().decode()
+        seen = sum(float(v) for v in pattern.findall(text))
+        if seen >= want:
+            break
+        time.sleep(2)
+    assert seen == want, (seen, want)
+    for name in ("ttft_s_count", "tpot_s_count", "kv_transfer_s_count", "kv_bytes_total", "kv_blocks",
+                 "queue_depth", "kv_codec"):
+        assert f"ray_splitserve_{name}" in text, name
