@@ -262,6 +262,10 @@ def search(base: ClusterConfig, perf: Perf, workload: Workload, budget: Budget,
             hi, phase_target(target))
         log(f"prefill tp{tp}: {pre_cap[tp]:.3g} req/s per instance ({perf.source(tp)})")
     multi_node = budget.gpus > budget.gpus_per_node
+    if perf.transfer is not None and perf.transfer.encode_bytes_per_s:
+        # a profile with codec speeds: a level it did not measure would look free; leave it out
+        measured = set(perf.transfer.encode_bytes_per_s) | {"raw"}
+        opt = replace(opt, levels=tuple(lv for lv in opt.levels if lv in measured))
     link_kinds = {"intra": perf.link("intra", base.kv_transfer.link_gbps)}
     inter = perf.link("inter", base.kv_transfer.link_gbps, budget.link_gbps)
     # across nodes only matters when it is slower than within one

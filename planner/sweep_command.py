@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.sim_only:
             from cluster.cluster import Cluster
             cluster = Cluster.in_process(config) if args.in_process else Cluster.start(config)
+            # warm-up, not measured: first-step compilation, graph capture, channel connects
+            _measure(cluster, prompts[:8], [min(o, 8) for o in outs[:8]], [0.05 * i for i in range(8)], args.timeout)
         try:
             for rate in rates:
                 arrivals = gamma_arrivals(len(items), rate, args.seed)

@@ -77,5 +77,5 @@ def test_roofline_search_on_a_node_of_h100s_is_quick():
     assert time.monotonic() - t0 < 30
     best = plans[0]
     assert best.num_gpus <= 8 and best.config.prefill.tp in (1, 2)
-    # decode dominates a chat workload with 10-120 token answers: more decode GPUs than prefill
-    assert best.config.decode.instances * best.config.decode.tp >= best.config.prefill.instances * best.config.prefill.tp
+    assert best.stage == "simulated" and best.goodput > 0
+    assert best.goodput <= 1.3 * best.detail["analytic_goodput"]  # simulation never beats the bound by much
