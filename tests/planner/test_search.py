@@ -78,4 +78,3 @@ def test_roofline_search_on_a_node_of_h100s_is_quick():
     best = plans[0]
     assert best.num_gpus <= 8 and best.config.prefill.tp in (1, 2)
     assert best.stage == "simulated" and best.goodput > 0
-    assert best.goodput <= 1.3 * best.detail["analytic_goodput"]  # simulation never beats the bound by much
