@@ -116,6 +116,7 @@ def main() -> int:
             rows.append({"level": level, "chunk": t, "encode_GBps": raw / enc_s / 1e9, "decode_GBps": raw / dec_s / 1e9,
                          "bits_per_element": bits_per_element(len(stream), nl, t, hh, d), "same_bytes": same})
             print(rows[-1], flush=True)
+            bits = rows[-1]["bits_per_element"]
             if args.variants and level == "default":
                 for stage, ms in _stages(h, kv).items():
                     print(f"  stage {stage:>22} @{t}: {ms:8.3f} ms", flush=True)
@@ -132,7 +133,7 @@ def main() -> int:
                                  "decode_GBps": raw / d_s / 1e9,
                                  "bits_per_element": bits_per_element(size, nl, t, hh, d), "same_bytes": None})
                     print(rows[-1], flush=True)
-                for gpp in (1, 2, 4):
+                for gpp in (1, 2, 4):  # launch shape: bytes do not depend on it
                     for gather in (True, False):
                         try:
                             d_s = _time(lambda: gpu.decode_full(h, de, kv.dtype, gather=gather, gpp=gpp), args.iters)
@@ -142,7 +143,7 @@ def main() -> int:
                             continue
                         rows.append({"level": f"default gpp={gpp}{' gather' if gather else ''}", "chunk": t,
                                      "encode_GBps": raw / e_s / 1e9, "decode_GBps": raw / d_s / 1e9,
-                                     "bits_per_element": rows[-1]["bits_per_element"], "same_bytes": None})
+                                     "bits_per_element": bits, "same_bytes": None})
                         print(rows[-1], flush=True)
     print(f"\n{dev}, Llama-3-8B KV shape (32 x 8 x 128, bf16), torch {torch.__version__}")
     print(f"{'level':>22} {'chunk':>6} {'encode GB/s':>12} {'decode GB/s':>12} {'bits/el':>8} {'same bytes':>10}")

@@ -277,9 +277,9 @@ def _rans_decode_kernel(words_ptr, cnt_ptr, state_ptr, dec_ptr, lut_ptr, step_pt
 
 
 def _launch_opts(gpp: int | None, rows: int) -> dict[str, int]:
-    """Groups per program: fewer when there are few groups, so more SMs get one."""
+    """Groups per program: one warp per group was fastest at 256 and 2048 tokens (H200, docs/codec.md)."""
     if gpp is None:
-        gpp = 4 if rows >= 2048 else 2 if rows >= 1024 else 1
+        gpp = 1
     return {"GPP": gpp, "num_warps": max(1, min(gpp, 4))}
 
 
