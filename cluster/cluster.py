@@ -97,3 +97,6 @@ class Cluster:
         for fs in self.pool.followers.values():
             for f in fs:
                 ray.kill(f)
+        from ray.util.placement_group import remove_placement_group
+        for pg in self.pool.placement_groups:   # give the resources back for the next cluster
+            remove_placement_group(pg)

@@ -151,4 +151,5 @@ def launch(config: ClusterConfig, ready_timeout_s: float = 300.0,
              for a in [actors[n], *followers[n]]])
     pool = RayInstancePool(actors, {p.name: p.role for p in plans})
     pool.followers = followers
+    pool.placement_groups = list({id(pg): pg for pg, _ in groups.values()}.values())
     return pool, info

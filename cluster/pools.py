@@ -16,6 +16,7 @@ class RayInstancePool:
     def __init__(self, actors: dict[str, Any], roles: dict[str, str]) -> None:
         self.actors, self.roles = actors, roles
         self.followers: dict[str, list[Any]] = {}   # TP ranks > 0 of each instance
+        self.placement_groups: list[Any] = []
         self.dead: set[str] = set()
         self._waits: dict[Any, str] = {}
 

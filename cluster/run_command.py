@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = [it.prompt_token_ids or tokenizer.encode(it.prompt) for it in items]
         # Greedy to the workload's output length: the trace decides how long each answer is.
         params = [SamplingParams(max_tokens=it.max_tokens, ignore_eos=True) for it in items]
-        duration = drive(cluster, prompts, params, arrivals, args.timeout)
+        duration, _ = drive(cluster, prompts, params, arrivals, args.timeout)
         records = cluster.frontend.records()
         summary = summarize(records, config.slo.ttft_s, config.slo.tpot_s, args.rate, duration)
         summary.update(mode=config.mode, config=str(args.config), workload=args.workload, seed=args.seed)
@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def drive(cluster: Cluster, prompts: list[list[int]], params: list[SamplingParams], arrivals: list[float],
-          timeout_s: float) -> float:
-    """Submit each request at its arrival time and poll until all are done; returns seconds."""
+          timeout_s: float, prefix: str = "req") -> tuple[float, list[str]]:
+    """Submit each request at its arrival time and poll until all are done; returns the
+    seconds it took and the request ids (`{prefix}-{i}`)."""
     start = time.time()
     deadline = start + timeout_s
     next_i, last_print = 0, 0.0
@@ -79,9 +80,10 @@ def drive(cluster: Cluster, prompts: list[list[int]], params: list[SamplingParam
     while time.time() < deadline:
         now = time.time()
         while next_i < len(prompts) and start + arrivals[next_i] <= now:
-            cluster.submit(prompts[next_i], params[next_i], request_id=f"req-{next_i}", arrival_s=start + arrivals[next_i])
+            cluster.submit(prompts[next_i], params[next_i], request_id=f"{prefix}-{next_i}",
+                           arrival_s=start + arrivals[next_i])
             next_i += 1
-        if next_i == len(prompts) and frontend.num_unfinished == 0:
+        if next_i == len(prompts) and all(frontend.requests[f"{prefix}-{i}"].done for i in range(len(prompts))):
             break
         wait = 0.02 if next_i == len(prompts) else max(0.0, min(0.02, start + arrivals[next_i] - time.time()))
         frontend.poll(wait)
@@ -93,4 +95,4 @@ def drive(cluster: Cluster, prompts: list[list[int]], params: list[SamplingParam
         print(f"\n  run timed out after {timeout_s:.0f} s", file=sys.stderr)
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    return time.time() - start
+    return time.time() - start, [f"{prefix}-{i}" for i in range(len(prompts))]

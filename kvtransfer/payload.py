@@ -14,11 +14,16 @@ def layout_of(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dt
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
+    if t.is_cuda:  # raw KV leaves the GPU through pinned memory
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t)
+        t = host
     return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
 class LayerPacker:
-    """Sender side: (k, v) of a layer, [num_tokens, num_kv_heads, head_dim] on CPU -> body."""
+    """Sender side: (k, v) of a layer, [num_tokens, num_kv_heads, head_dim] -> body. On a GPU
+    the codec codes on the device; raw bytes are copied out."""
 
     def __init__(self, layout: ModelFingerprint, level: str, num_tokens: int) -> None:
         self.level = level

@@ -61,7 +61,7 @@ class KVSender:
 
     def send_layer(self, request_id: str, layer_idx: int,
                    gather: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """`gather` runs on the sender thread and returns the layer's (k, v) on CPU."""
+        """`gather` runs on the sender thread and returns the layer's (k, v) (CPU or GPU)."""
         self._jobs.put(("layer", request_id, (layer_idx, gather)))
 
     def done(self, request_id: str, first_token: int, events: dict[str, float]) -> None:

@@ -71,19 +71,16 @@ class KVStreamer:
             if self.side_stream is None:
                 k, v = gather_kv_blocks(k_cache, v_cache, blocks, num_tokens)
                 return (k, v) if whole else (k[:, a:b].contiguous(), v[:, a:b].contiguous())
-            # on a side stream, after the layer's compute: overlaps the remaining layers
+            # on a side stream, after the layer's compute: overlaps the remaining layers.
+            # The tensors stay on the GPU: the codec codes them there; raw goes to the host.
             with torch.cuda.stream(self.side_stream):
                 if ready is not None:
                     self.side_stream.wait_event(ready)
                 k, v = gather_kv_blocks(k_cache, v_cache, blocks, num_tokens)
                 if not whole:
                     k, v = k[:, a:b].contiguous(), v[:, a:b].contiguous()
-                k_host = torch.empty(k.shape, dtype=k.dtype, pin_memory=True)
-                v_host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
-                k_host.copy_(k, non_blocking=True)
-                v_host.copy_(v, non_blocking=True)
                 self.side_stream.synchronize()
-            return k_host, v_host
+            return k, v
         return gather
 
     def done(self, rid: str, decode: str, first_token: int, events: dict[str, float]) -> None:
