@@ -36,6 +36,10 @@ class Cluster:
         return cls(config, pool, info)
 
     @classmethod
+    def open(cls, config: ClusterConfig, in_process: bool = False) -> "Cluster":
+        return cls.in_process(config) if in_process else cls.start(config)
+
+    @classmethod
     def in_process(cls, config: ClusterConfig) -> "Cluster":
         """Every instance in this process (no Ray): for tests and debugging. TP 1 only."""
         if config.prefill.tp > 1 or config.decode.tp > 1:

@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"splitserve generate: {exc}", file=sys.stderr)
         return 2
     try:
-        cluster = Cluster.in_process(config) if args.in_process else Cluster.start(config)
+        cluster = Cluster.open(config, args.in_process)
     except (SplitserveError, RuntimeError) as exc:
-        print(f"splitserve {'generate' if 'generate' in __name__ else 'run'}: {exc}", file=sys.stderr)
+        print(f"splitserve generate: {exc}", file=sys.stderr)
         return 2
     try:
         result = cluster.generate(prompt_ids, params)

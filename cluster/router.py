@@ -54,6 +54,9 @@ class Router:
         return max(live, key=lambda d: (d.free_blocks - d.promised_blocks
                                         - self.link_cost.get((prefill, d.name), 0.0), d.name)).name
 
+    def largest_decode_blocks(self) -> int:
+        return max((d.num_blocks for d in self.decode.values() if d.alive), default=0)
+
     def dispatched(self, prefill: str, decode: str | None, prompt_tokens: int) -> None:
         self.prefill[prefill].outstanding_tokens += prompt_tokens
         if decode is not None:

@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
           f"{config.decode.instances} decode x tp{config.decode.tp}, {config.model.name} on {config.device}",
           file=sys.stderr)
     try:
-        cluster = Cluster.in_process(config) if args.in_process else Cluster.start(config)
+        cluster = Cluster.open(config, args.in_process)
     except (SplitserveError, RuntimeError) as exc:
-        print(f"splitserve {'generate' if 'generate' in __name__ else 'run'}: {exc}", file=sys.stderr)
+        print(f"splitserve run: {exc}", file=sys.stderr)
         return 2
     try:
         prompts = [it.prompt_token_ids or tokenizer.encode(it.prompt) for it in items]

@@ -58,14 +58,19 @@ def _triton_ops() -> AttentionOps:
 BACKENDS: dict[str, Callable[[], AttentionOps]] = {"torch": _torch_ops, "triton": _triton_ops}
 
 
-def get_attention_ops(name: str, device: torch.device) -> AttentionOps:
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The backend key for `name` on `device`: "auto" is triton on CUDA, torch elsewhere."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
-    if name not in BACKENDS:
-        raise ConfigError(f"attention_backend={name!r}: choose one of {sorted(BACKENDS)} or 'auto'")
+    if name not in ("torch", "triton"):
+        raise ConfigError(f"attention_backend={name!r}: choose one of ['torch', 'triton'] or 'auto'")
     if name == "triton" and device.type != "cuda":
         raise ConfigError("attention_backend='triton' needs device: cuda; use 'torch' on CPU")
-    return BACKENDS[name]()
+    return name
+
+
+def get_attention_ops(name: str, device: torch.device) -> AttentionOps:
+    return BACKENDS[resolve_backend(name, device)]()
 
 
 def attend(ops: AttentionOps, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from engine.errors import ConfigError
+from engine.attention import resolve_backend
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,4 @@ BACKENDS: dict[str, Callable[[], LayerOps]] = {"torch": _torch_ops, "triton": _t
 
 def get_layer_ops(name: str, device: torch.device) -> LayerOps:
     """Same keys as engine.attention: "auto" is triton on CUDA, torch elsewhere."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name not in BACKENDS:
-        raise ConfigError(f"attention_backend={name!r}: choose one of {sorted(BACKENDS)} or 'auto'")
-    if name == "triton" and device.type != "cuda":
-        raise ConfigError("attention_backend='triton' needs device: cuda; use 'torch' on CPU")
-    return BACKENDS[name]()
+    return BACKENDS[resolve_backend(name, device)]()

@@ -35,3 +35,11 @@ def test_promised_blocks_count_until_the_kv_lands():
     assert r.pick_decode("p0", 10) == "d1"
     r.landed("d0", 16 * 60)
     assert r.decode["d0"].promised_blocks == 0
+
+
+def test_largest_decode_instance_bounds_what_can_ever_be_served():
+    r = make_router()
+    assert r.largest_decode_blocks() == 100
+    r.mark_dead("d0")
+    r.report("d1", free_blocks=5, num_blocks=40)
+    assert r.largest_decode_blocks() == 40
