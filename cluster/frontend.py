@@ -105,9 +105,9 @@ class Frontend:
                 prefill = self.router.pick_prefill(n)
                 decode = self.router.pick_decode(prefill, n, tuple(t.failed_decodes)) if (
                     prefill and self.disaggregated) else None
-            if self.disaggregated and self.router._blocks(n) > self.router.largest_decode_blocks() > 0:
+            if self.disaggregated and self.router.blocks_for(n) > self.router.largest_decode_blocks() > 0:
                 self.pending.popleft()
-                self._end(t, "failed", f"prompt: {n} tokens need {self.router._blocks(n)} KV blocks but the largest "
+                self._end(t, "failed", f"prompt: {n} tokens need {self.router.blocks_for(n)} KV blocks but the largest "
                                        f"decode instance has {self.router.largest_decode_blocks()}; shorten the "
                                        "prompt or raise decode.kv_blocks / memory_fraction")
                 continue

@@ -34,8 +34,9 @@ class Router:
         self.prefill = {n: InstanceLoad(n, free_blocks=blocks.get(n, 0), num_blocks=blocks.get(n, 0)) for n in prefill}
         self.decode = {n: InstanceLoad(n, free_blocks=blocks.get(n, 0), num_blocks=blocks.get(n, 0)) for n in decode}
 
-    def _blocks(self, tokens: int) -> int:
-        return -(-(tokens + 1) // self.block_size)
+    def blocks_for(self, prompt_tokens: int) -> int:
+        """KV blocks a decode instance needs for a prompt and its first token."""
+        return -(-(prompt_tokens + 1) // self.block_size)
 
     def pick_prefill(self, prompt_tokens: int) -> str | None:
         live = [p for p in self.prefill.values() if p.alive]
@@ -47,7 +48,7 @@ class Router:
         return best.name
 
     def pick_decode(self, prefill: str, prompt_tokens: int, exclude: tuple[str, ...] = ()) -> str | None:
-        need = self._blocks(prompt_tokens)
+        need = self.blocks_for(prompt_tokens)
         live = [d for d in self.decode.values() if d.alive and d.name not in exclude and d.num_blocks >= need]
         if not live:
             return None
@@ -64,7 +65,7 @@ class Router:
 
     def promise(self, decode: str, prompt_tokens: int) -> None:
         """A transfer of `prompt_tokens` tokens' KV is headed to `decode`."""
-        self.decode[decode].promised_blocks += self._blocks(prompt_tokens)
+        self.decode[decode].promised_blocks += self.blocks_for(prompt_tokens)
 
     def prefilled(self, prefill: str, prompt_tokens: int) -> None:
         p = self.prefill.get(prefill)
@@ -74,7 +75,7 @@ class Router:
     def landed(self, decode: str, prompt_tokens: int) -> None:
         d = self.decode.get(decode)
         if d is not None:
-            d.promised_blocks = max(0, d.promised_blocks - self._blocks(prompt_tokens))
+            d.promised_blocks = max(0, d.promised_blocks - self.blocks_for(prompt_tokens))
 
     def report(self, name: str, free_blocks: int, num_blocks: int) -> None:
         for pool in (self.prefill, self.decode):
