@@ -8,9 +8,10 @@ time of each engine step (planner.latency.StepModel) and of each KV transfer
 (planner.transfer), on a virtual clock.
 
     arrival -> Frontend.submit -> Router -> SimInstance("prefill").add
-    prefill step (scheduler.schedule -> step_time) -> last chunk: channel.begin (decode reserves
-      blocks; layers stream as the step computes them) -> first token -> channel done
-      -> landed: decode admit_running -> decode steps -> tokens -> finished
+    prefill step (scheduler.schedule -> step_time) -> last chunk: channel.begin (layers stream
+      into host staging as the step computes them) -> first token -> channel done
+      -> landed: decode allocates blocks (FIFO, waits for room) -> admit_running -> decode steps
+      -> tokens -> finished
     colocated/chunked: one SimInstance runs both phases with the runtime's policy.
 """
 
@@ -91,7 +92,8 @@ class SimInstance:
         self.step_model = sim.setup.steps["prefill" if name.startswith("prefill") else "decode"]
         self.busy = False
         self.kick_pending = False
-        self.waiting_channels: deque[SimChannel] = deque()   # decode: transfers waiting for blocks
+        # decode: landed transfers waiting for blocks, FIFO (the runtime's staged admission queue)
+        self.waiting_admissions: deque[tuple[SimChannel, _Transfer]] = deque()
         self.targets: dict[str, int] = {}                    # prefill: request -> decode index
         self.index = int(name.rsplit("-", 1)[1])
 
@@ -142,10 +144,7 @@ class SimInstance:
             if s.samples and s.request.status == RequestStatus.RUNNING:
                 self._accept_token(s.request, now)
         self.sim.dirty.add(self.name)
-        if self.waiting_channels:
-            for ch in list(self.waiting_channels):
-                self.waiting_channels.remove(ch)
-                ch.pump()
+        self.admit_waiting()
         self.kick()
 
     def _accept_token(self, req: Request, now: float) -> None:
@@ -165,8 +164,20 @@ class SimInstance:
 
     # ---- decode side of a channel ----------------------------------------------------------------
 
+    def admit_waiting(self) -> None:
+        """Admit landed transfers FIFO while blocks allow (DecodeWorker._admit_ready)."""
+        while self.waiting_admissions:
+            ch, tr = self.waiting_admissions[0]
+            if not tr.cancelled:
+                blocks = self.try_reserve(tr.req.num_prompt_tokens)
+                if blocks is None:
+                    return
+                self.sim.dirty.add(self.name)
+                ch.admitted(tr, blocks)
+            self.waiting_admissions.popleft()
+
     def try_reserve(self, num_tokens: int) -> list[int] | None:
-        """decode_worker.DecodeWorker._try_reserve: keep a block per running request free."""
+        """As DecodeWorker._admit_ready: keep a block per running request free."""
         need = self.blocks.blocks_for(num_tokens + 1)
         if self.blocks.num_free - need < len(self.scheduler.running):
             return None
@@ -201,14 +212,7 @@ class SimChannel:
             return
         tr = self.queue[0]
         now = self.sim.clock.now
-        blocks = self.dst.try_reserve(tr.req.num_prompt_tokens)
-        if blocks is None:      # the receiver thread waits for room; the channel waits with it
-            if self not in self.dst.waiting_channels:
-                self.dst.waiting_channels.append(self)
-            return
-        self.sim.dirty.add(self.dst.name)
-        tr.blocks = blocks
-        self.busy = True
+        self.busy = True   # KV lands in host staging: the link never waits for decode blocks
         transfer = self.sim.setup.transfer
         send_s, recv_s = transfer.layer_times(tr.req.num_prompt_tokens, tr.level, self.link) if transfer else (0.0, 0.0)
         sender_free, landed = schedule_layers(tr.ready, send_s, recv_s, now)
@@ -225,15 +229,16 @@ class SimChannel:
         self.maybe_admit(tr)
 
     def maybe_admit(self, tr: _Transfer) -> None:
-        if tr.cancelled:
-            if tr.blocks:
-                self.dst.blocks.free(tr.blocks)
-                tr.blocks = []
+        """Once landed and its first token is known, the transfer queues for decode blocks."""
+        if tr.cancelled or tr.landed_at is None or tr.first_token_at is None:
             return
-        if tr.landed_at is None or tr.first_token_at is None:
-            return
+        self.dst.waiting_admissions.append((self, tr))
+        self.dst.admit_waiting()
+
+    def admitted(self, tr: _Transfer, blocks: list[int]) -> None:
+        tr.blocks = blocks
         now = self.sim.clock.now
-        self.dst.admit(tr.req, tr.blocks, now)
+        self.dst.admit(tr.req, blocks, now)
         self.sim.transfer_done(self.src, tr, now)
 
 
