@@ -45,7 +45,9 @@ def ray_head():
     gcs, dash, node_mgr, obj_mgr, client, agent, agent_grpc, runtime_env = _free_ports(8)
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes
     # Ray >= 2.5x enables token auth on `ray start`; the CLI client must then send the token too.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           # jobs run with the head's PATH: it must find this environment's `splitserve`
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     log = open(Path(temp_dir) / "ray-start.log", "wb")
     head = subprocess.Popen(
