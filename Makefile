@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# 50 ShareGPT requests at 1 req/s (Poisson), answers cut at 64 tokens: a few minutes on 2 cores.
 run: $(STAMP)
-	$(BIN)/splitserve run deploy/local.yaml
+	$(BIN)/splitserve run deploy/local.yaml --num-requests 50 --rate 1 --max-output-tokens 64 --out runs/local
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests

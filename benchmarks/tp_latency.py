@@ -79,13 +79,15 @@ def run_size(size: int, args: argparse.Namespace) -> dict[str, object]:
         cmd = [sys.executable, "-m", "benchmarks.tp_latency", "--rank", str(rank), "--size", str(size),
                "--port", str(port), "--model", args.model, "--lengths", args.lengths,
                "--batch", str(args.batch), "--context", str(args.context), "--device", args.device]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     result: dict[str, object] = {}
-    for p in procs:
+    for rank, p in enumerate(procs):
         stdout, _ = p.communicate(timeout=600)
         for line in stdout.splitlines():
             if line.startswith("RESULT "):
                 result = json.loads(line[7:])
+        if p.returncode != 0:   # show why a rank failed instead of an empty result
+            print(f"tp {size} rank {rank} exited {p.returncode}:\n{stdout[-3000:]}", file=sys.stderr)
     return result
 
 
