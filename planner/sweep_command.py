@@ -153,7 +153,7 @@ def _measure(cluster: Any, prompts: list[list[int]], outs: list[int], arrivals: 
     info = {n: {"num_blocks": load.num_blocks} for n, load in {**router.prefill, **router.decode}.items()}
     Cluster.__init__(cluster, cluster.config, cluster.pool, info)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in outs]
-    duration = drive(cluster, prompts, params, arrivals, timeout_s)
+    duration, _ = drive(cluster, prompts, params, arrivals, timeout_s)
     for rid, t in cluster.frontend.requests.items():
         if not t.done:
             cluster.frontend.abort(rid)
