@@ -34,7 +34,8 @@ def rank_main(rank: int, size: int, port: int, model: str, lengths: list[int], b
     on_cuda = device == "cuda"
     econf = EngineConfig(device=device, dtype=torch.bfloat16 if on_cuda else torch.float32,
                          num_blocks=8192 if on_cuda else 512, max_num_seqs=batch,
-                         max_num_batched_tokens=max(lengths), use_cuda_graphs=False)
+                         max_num_batched_tokens=max(lengths), max_model_len=max(lengths) + 64,
+                         use_cuda_graphs=False)
     group, channel = init_tp(rank, size, ("127.0.0.1", port), torch.device(device))
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     if rank > 0:
