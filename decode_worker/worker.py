@@ -61,7 +61,7 @@ class DecodeWorker(LLMEngine):
         heads = kv_heads_of(0, tp.size if tp else 1, self.model_config.num_kv_heads)
         self.staging = StagingArea(control=True, on_complete=self._on_complete, ttl_s=4 * transfer_timeout_s)
         self.receiver = KVReceiver(self.staging, heads, self.model_config.head_dim, dtype_name(self.config.dtype),
-                                   advertise_host=advertise_host)
+                                   advertise_host=advertise_host, device=self.runner.device)
 
     @property
     def address(self) -> tuple[str, int]:

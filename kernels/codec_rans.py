@@ -237,6 +237,7 @@ def _rans_decode_kernel(words_ptr, cnt_ptr, state_ptr, dec_ptr, lut_ptr, step_pt
                 other=65536).to(tl.uint32, bitcast=True)
     p = _exclusive_prefix(cnt_ptr, rows, num_rows, GPP, 1024)
     stop = p + tl.load(cnt_ptr + rows, mask=row_ok, other=0)
+    num_esc = tl.zeros([GPP], tl.int32)
     if VALUES:
         is_v = (seg % 2)[:, None] == 1
         step_base = (seg.to(tl.int64) * num_g)[:, None]
@@ -255,8 +256,11 @@ def _rans_decode_kernel(words_ptr, cnt_ptr, state_ptr, dec_ptr, lut_ptr, step_pt
         if VALUES:
             step = tl.load(step_ptr + step_base + tl.where(is_v, _group(i, GDIV_V, GMOD_V), _group(i, GDIV_K, GMOD_K)),
                            mask=active, other=1.0)
-            q = tl.where(s == 2 * MAX_Q + 1, 0, s - MAX_Q)
+            is_esc = s == 2 * MAX_Q + 1
+            q = tl.where(is_esc, 0, s - MAX_Q)
             v = tl.minimum(tl.maximum(q.to(tl.float32) * step, -lim), lim)
+            v = tl.where(is_esc, float("nan"), v)       # escape slot: NaN until the exact value lands
+            num_esc += tl.sum((is_esc & active).to(tl.int32), 1)
             tl.store(out_row + i, _cast_rne(v, out_ptr.dtype.element_ty), mask=active)
         else:
             tl.store(out_row + i, s.to(tl.uint8), mask=active)
@@ -274,6 +278,8 @@ def _rans_decode_kernel(words_ptr, cnt_ptr, state_ptr, dec_ptr, lut_ptr, step_pt
     nbad = tl.sum(bad, 0)
     if nbad > 0:
         tl.atomic_max(flag_ptr, 1)
+    if VALUES:
+        tl.atomic_add(flag_ptr + 1 + seg, num_esc, mask=row_ok & (num_esc > 0))
 
 
 def _launch_opts(gpp: int | None, rows: int) -> dict[str, int]:
@@ -316,7 +322,8 @@ def rans_decode(words: torch.Tensor, counts: torch.Tensor, states: torch.Tensor,
                 n: int, num_tables: int, tab_div: int, tab_mod: int, lane_len: int, *, values: dict | None = None,
                 gather: bool = True, gpp: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (syms uint8 [S, n], or values [S, n] when `values` = {step [S, G] fp32, k: (gdiv, gmod),
-    v: (gdiv, gmod), max_q, dtype}, and an int32 flag that is 1 when any lane did not end cleanly)."""
+    v: (gdiv, gmod), max_q, dtype}, and int32 flags: [0] is 1 when any lane did not end cleanly;
+    with values, [1 + s] counts segment s's escape symbols, whose slots come out NaN)."""
     if tables.lut is None:
         raise ValueError("decoder tables need the slot lookup (build_tables(..., want_lut=True))")
     num_groups, _, steps = plan_lanes(n, lane_len)
@@ -324,7 +331,7 @@ def rans_decode(words: torch.Tensor, counts: torch.Tensor, states: torch.Tensor,
     if counts.numel() != rows or states.numel() != rows * GROUP:
         raise ValueError(f"expected {rows} group counts and {rows * GROUP} states")
     dev = words.device
-    flag = torch.zeros(1, dtype=torch.int32, device=dev)
+    flag = torch.zeros(1 if values is None else 1 + s_count, dtype=torch.int32, device=dev)
     w = words if words.numel() else torch.zeros(1, dtype=torch.int16, device=dev)
     if values is None:
         out = torch.empty((s_count, n), dtype=torch.uint8, device=dev)

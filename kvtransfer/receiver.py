@@ -14,6 +14,8 @@ import socket
 import threading
 from typing import Any
 
+import torch
+
 from kvtransfer.codec import ModelFingerprint
 from kvtransfer.frames import ChannelError, recv_frame, send_frame
 from kvtransfer.payload import LayerUnpacker
@@ -22,8 +24,10 @@ from kvtransfer.staging import StagedRequest, StagingArea
 
 class KVReceiver:
     def __init__(self, staging: StagingArea, heads: tuple[int, int], head_dim: int, dtype: str,
-                 host: str = "0.0.0.0", advertise_host: str = "127.0.0.1") -> None:
+                 host: str = "0.0.0.0", advertise_host: str = "127.0.0.1",
+                 device: torch.device | str | None = None) -> None:
         self.staging = staging
+        self.device = device      # coded layers are decoded here (see LayerUnpacker)
         self.heads, self.head_dim, self.dtype = heads, head_dim, dtype
         self._server = socket.create_server((host, 0))
         self.address = (advertise_host, self._server.getsockname()[1])
@@ -62,6 +66,10 @@ class KVReceiver:
                     pass
             return reply
 
+        def land(header: dict[str, Any], nbytes: int) -> Any:
+            entry = unpackers.get(header.get("id")) if header.get("type") == "layer" else None
+            return entry[0].landing_buffer(nbytes) if entry is not None else None
+
         def refuse(rid: str, reason: str) -> None:
             unpackers.pop(rid, None)
             staged = self.staging.pop(rid)
@@ -70,7 +78,7 @@ class KVReceiver:
 
         try:
             while not self._closed:
-                header, body = recv_frame(conn)
+                header, body = recv_frame(conn, land)
                 kind, rid = header.get("type"), header.get("id")
                 if kind == "begin":
                     try:
@@ -82,7 +90,8 @@ class KVReceiver:
                             raise ValueError(f"KV layout {layout.to_dict()} does not match this rank "
                                              f"(heads {lo}-{hi}, head_dim {self.head_dim}, {self.dtype})")
                         num_tokens = int(header["num_tokens"])
-                        unpackers[rid] = (LayerUnpacker(layout, header["level"], num_tokens, bytes(body)), (lo, hi))
+                        unpacker = LayerUnpacker(layout, header["level"], num_tokens, bytes(body), self.device)
+                        unpackers[rid] = (unpacker, (lo, hi))
                     except (ValueError, KeyError, TypeError) as exc:
                         refuse(rid, f"bad KV stream: {exc}")
                         continue

@@ -7,7 +7,10 @@
 
 K and V are [num_tokens, num_kv_heads, head_dim] in the fingerprint's dtype. On a GPU, levels
 with a device path (gpu.supports) are coded there, all given layers in the same launches, to the
-same bytes as the CPU reference; everything else is coded on the CPU.
+same bytes as the CPU reference; everything else is coded on the CPU. A decoder given a device
+(`KVDecoder(header, device=torch.device("cuda", 0))`) decodes such levels there
+(device_decode.py), to the same tensors as the CPU decoder, on its own side stream, returning
+tensors that are ready to use on any stream.
 """
 
 from __future__ import annotations
@@ -74,13 +77,18 @@ class KVEncoder:
 class KVDecoder:
     """Decodes the sections of the stream whose header it was built from."""
 
-    def __init__(self, header: bytes, expect: ModelFingerprint | None = None) -> None:
+    def __init__(self, header: bytes, expect: ModelFingerprint | None = None,
+                 device: torch.device | str | None = None) -> None:
         self.h, used = parse_header(header)
         if used != len(header):
             raise CodecError(f"header has {len(header) - used} trailing bytes")
         if expect is not None and expect != self.h.model:
             raise CodecError(f"stream is for model {self.h.model.to_dict()}, this side expects {expect.to_dict()}")
         self._decode = LAYER_CODECS[self.h.level.kind][1]
+        dev = None if device is None else torch.device(device)
+        # where the kernels decode: a CUDA device, or any device under TRITON_INTERPRET=1 (tests)
+        self.device = dev if dev is not None and gpu.decodes_on(dev) and gpu.supports(self.h.level) else None
+        self._stream = torch.cuda.Stream(self.device) if self.device is not None and self.device.type == "cuda" else None
 
     def decode_layers_indexed(self, sections: Sequence[bytes]) -> list[tuple[int, Tensor, Tensor]]:
         payloads = [parse_section(s) for s in sections]
@@ -92,7 +100,13 @@ class KVDecoder:
                 if not isinstance(p[name], dict):
                     raise CodecError(f"layer {i} {name.upper()}: section is not a map")
         try:
-            return self._decode(self.h, payloads)
+            if self.device is None:
+                return self._decode(self.h, payloads)
+            from kvtransfer.codec.device_decode import decode_payloads
+            if self._stream is None:
+                return decode_payloads(self.h, payloads, self.device)
+            with torch.cuda.stream(self._stream):   # ends in a sync of this stream: tensors are ready
+                return decode_payloads(self.h, payloads, self.device)
         except (KeyError, TypeError, IndexError) as exc:
             raise CodecError(f"layer section malformed: {type(exc).__name__} {exc}") from exc
 

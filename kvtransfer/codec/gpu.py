@@ -14,6 +14,7 @@ builds the msgpack-ready layer payloads. `decode_full` decodes a DeviceEncoded o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,11 @@ def supports(cfg: LevelConfig) -> bool:
 def on_device(x: Tensor) -> bool:
     """Whether a tensor lives where the kernels run."""
     return x.is_cuda
+
+
+def decodes_on(device: torch.device) -> bool:
+    """Whether the kernels can decode onto `device`: CUDA, or anything under TRITON_INTERPRET=1."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _group_layout(mode: str, tq: int, hh: int, d: int) -> tuple[int, int, int]:
@@ -223,7 +229,7 @@ def decode_device(h: StreamHeader, enc: DeviceEncoded) -> Tensor:
 def decode_full(h: StreamHeader, enc: DeviceEncoded, dtype: torch.dtype, gather: bool = True,
                 gpp: int | None = None) -> Tensor:
     """rANS decode + lane check + dequantize, on the device, in one decode launch: [S, n] values
-    (escapes come out 0; they and the exact tokens are scattered in by the caller, a tiny
+    (escape slots come out NaN; they and the exact tokens are scattered in by the caller, a tiny
     fraction). Syncs once, at the end, to raise on a lane that did not end cleanly."""
     from kernels.codec_rans import rans_decode
     cfg, m = h.level, h.model
@@ -239,6 +245,6 @@ def decode_full(h: StreamHeader, enc: DeviceEncoded, dtype: torch.dtype, gather:
               "v": (vs[0], 0 if cfg.v_scale == "token_head" else vs[1]), "max_q": cfg.max_q, "dtype": dtype}
     vals, flag = rans_decode(enc.words, enc.counts, enc.states, _dec_tables(h, enc), enc.num_segments, enc.n,
                              hh, d, hh, cfg.lane_len, values=values, gather=gather, gpp=gpp)
-    if int(flag.item()):
+    if int(flag[0].item()):
         raise CodecError("GPU rANS decode did not end cleanly (corrupt stream)")
     return vals
