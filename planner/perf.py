@@ -7,6 +7,8 @@ for what the profile lacks, from the roofline (planner.hardware):
                        (min of the network's --link-gbps and the channel's own speed), both
                        capped by an emulated kv_transfer.link_gbps
     kv_blocks(pool)    the pool's kv_blocks if set, else the memory model
+    sharing            CPU: step-time stretch with k instances of a node busy (planner.colocation)
+    overhead_s         per step, by pool: the serving runtime's own time (planner.overhead)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from cluster.config import ClusterConfig, PoolSection
 from engine.config import ModelConfig, parse_dtype
+from planner.colocation import CoreSharing
 from planner.hardware import Accelerator, accelerator_for, dtype_bytes, kv_blocks_per_instance, roofline_step_model
 from planner.latency import StepModel, derive_tp, fit_step_model
 from planner.transfer import LinkModel, TransferModel
@@ -33,6 +36,8 @@ class Perf:
     measured: dict[int, StepModel] = field(default_factory=dict)
     transfer: TransferModel | None = None
     tcp: LinkModel = field(default_factory=lambda: LinkModel("tcp", DEFAULT_TCP_BYTES_PER_S))
+    sharing: CoreSharing | None = None
+    overhead_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     _cache: dict[int, StepModel] = field(default_factory=dict)
 
@@ -94,5 +99,10 @@ def build_perf(config: ClusterConfig, model: ModelConfig, profile: dict[str, Any
     tcp = profile.get("links", {}).get("tcp")
     if tcp:
         perf.tcp = LinkModel("tcp", float(tcp["bytes_per_s"]), float(tcp.get("per_layer_s", 0.0)))
+    if profile.get("colocation"):
+        perf.sharing = CoreSharing.from_json(profile["colocation"])
+    serving = profile.get("serving_overhead")
+    if serving:
+        perf.overhead_s = {"prefill": float(serving["prefill_s"]), "decode": float(serving["decode_s"])}
     perf.notes.extend(profile.get("notes", []))
     return perf

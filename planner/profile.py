@@ -6,6 +6,10 @@
     link      loopback TCP throughput (the KV channel's transport), and on a GPU the
               device-to-host copy the sender's gather does
     codec     encode/decode speed and all-in bits/element of each level on real KV from a prefill
+    colocation  CPU: step-time stretch while k instances share the node's cores, each in its own
+              process with the deployment's threads (planner.colocation)
+    serving_overhead  the runtime's own time per step beyond LLMEngine.step, measured on the
+              running cluster one request at a time (planner.overhead)
 
 Per TP size: TP=1 always; larger TP sizes only where the engine runs tensor parallel (not
 in this build: they are noted as skipped and the planner derives them from TP=1).
@@ -194,7 +198,9 @@ def device_to_host_bytes_per_s(nbytes: int = 64 << 20) -> float | None:
 
 
 def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] = ("raw", "lossless", "int8", "default", "aggressive"),
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            log: Callable[[str], None] = print, colocate: int | None = None, serving: bool = True) -> dict[str, Any]:
+    """`colocate`: instances sharing a CPU node to measure (default: the config's, at least
+    one more than fit the cores); `serving`: measure the runtime's overhead on a running cluster."""
     t0 = time.monotonic()
     threads = config.engine.cpu_threads_per_instance or 1
     if config.device == "cpu":
@@ -213,6 +219,19 @@ def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] 
     tcp = loopback_tcp_bytes_per_s()
     codec = codec_rates(layers, levels)
     name = torch.cuda.get_device_name() if config.device == "cuda" else "cpu"
+    colocation = None
+    if config.device == "cpu":
+        import os
+        from planner.colocation import measure_sharing
+        k = colocate or max(2, config.prefill.instances + config.decode.instances, (os.cpu_count() or 1) // threads + 1)
+        log(f"co-location: up to {k} instances of {threads} thread(s) on {os.cpu_count()} cores")
+        colocation = measure_sharing(config, k, threads, 3.0 if quick else 6.0, log=log).to_json()
+    overhead = None
+    if serving:
+        from planner.latency import fit_step_model
+        from planner.overhead import measure_overhead
+        log("serving overhead (1P1D cluster, one request at a time)")
+        overhead = measure_overhead(config, fit_step_model(1, pre, dec), 4 if quick else 8, log=log)
     out = {
         "model": prof.model.name, "weights": config.model.weights, "dtype": config.model.dtype,
         "device": config.device, "device_name": name, "num_threads": threads if config.device == "cpu" else None,
@@ -221,6 +240,8 @@ def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] 
         "links": {"tcp": {"bytes_per_s": tcp, "per_layer_s": 0.0}},
         "copy_bytes_per_s": device_to_host_bytes_per_s(),
         "codec": codec,
+        "colocation": colocation,
+        "serving_overhead": overhead,
         "memory_bytes": torch.cuda.get_device_properties(0).total_memory if config.device == "cuda" else None,
         "notes": notes, "profile_s": None,
     }

@@ -19,6 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="profile.json")
     p.add_argument("--quick", action="store_true", help="fewer points (a minute on CPU)")
     p.add_argument("--codecs", default="raw,lossless,int8,default,aggressive")
+    p.add_argument("--colocate", type=int, default=None,
+                   help="CPU: measure steps with up to this many instances sharing the cores "
+                        "(default: the config's instances, at least one more than the cores hold)")
+    p.add_argument("--no-serving", action="store_true",
+                   help="skip the serving-overhead measurement on a running cluster")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"splitserve profile: {exc}", file=sys.stderr)
         return 2
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
-    prof = profile(config, args.quick, tuple(args.codecs.split(",")), log)
+    prof = profile(config, args.quick, tuple(args.codecs.split(",")), log, args.colocate, not args.no_serving)
     for tp, entry in prof["tp"].items():
         m = fit_step_model(int(tp), entry["prefill"], entry["decode"])
         entry["fit"] = m.to_json()
@@ -40,6 +45,12 @@ def run(args: argparse.Namespace) -> int:
     for level, c in prof["codec"].items():
         print(f"codec {level}: {c['bits_per_element']:.2f} bits/elem, encode {c['encode_bytes_per_s'] / 1e6:.0f} MB/s, "
               f"decode {c['decode_bytes_per_s'] / 1e6:.0f} MB/s")
+    if prof.get("colocation"):
+        for kind, st in prof["colocation"]["stretch"].items():
+            print(f"co-location {kind}: " + ", ".join(f"{k + 1} busy x{x:.2f}" for k, x in enumerate(st)))
+    if prof.get("serving_overhead"):
+        o = prof["serving_overhead"]
+        print(f"serving overhead: prefill {o['prefill_s'] * 1e3:.1f} ms, decode {o['decode_s'] * 1e3:.1f} ms per step")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(prof, indent=1) + "\n")
     print(f"  wrote {args.out} in {prof['profile_s']:.0f} s", file=sys.stderr)

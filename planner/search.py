@@ -129,9 +129,15 @@ def sim_setup(config: ClusterConfig, perf: Perf, budget: Budget, ideal: str | No
         return intra if nodes.get(f"prefill-{p}") == nodes.get(f"decode-{d}") else inter
     steps = {"prefill": perf.step_model(config.prefill.tp), "decode": perf.step_model(config.decode.tp)}
     blocks = {"prefill": perf.kv_blocks(config, config.prefill), "decode": perf.kv_blocks(config, config.decode)}
+    overhead = dict(perf.overhead_s)
     if ideal:
         steps[ideal], blocks[ideal] = IDEAL, IDEAL_BLOCKS
-    return SimSetup(perf.model, steps, blocks, None if ideal == "decode" else perf.transfer, link)
+        overhead.pop(ideal, None)
+    # CPU: instances of one node share its cores; an ideal pool takes none
+    sharing = perf.sharing if config.device == "cpu" else None
+    node_of = {n: k for n, k in nodes.items() if not (ideal and n.startswith(ideal))}
+    return SimSetup(perf.model, steps, blocks, None if ideal == "decode" else perf.transfer, link,
+                    overhead, sharing, node_of)
 
 
 # ---- goodput by bisection ----------------------------------------------------------------------

@@ -4,8 +4,9 @@ What is imported unchanged: the front end (cluster.frontend.Frontend, with its R
 backpressure), the schedulers and BlockManager (engine.scheduler), request specs and stop
 rules; records come out of `Frontend.records()` and go into engine.metrics.summarize, so the
 simulator and `splitserve run` report the same numbers by construction. What is modeled: the
-time of each engine step (planner.latency.StepModel) and of each KV transfer
-(planner.transfer), on a virtual clock.
+time of each engine step (planner.latency.StepModel, plus the serving loop's measured
+overhead), stretched while instances share a node's cores (planner.colocation), and of each
+KV transfer (planner.transfer), on a virtual clock.
 
     arrival -> Frontend.submit -> Router -> SimInstance("prefill").add
     prefill step (scheduler.schedule -> step_time) -> last chunk: channel.begin (layers stream
@@ -34,6 +35,7 @@ from engine.request import LifecycleEvent, Request, RequestStatus, SamplingParam
 from engine.request_spec import request_from_spec
 from engine.scheduler import SCHEDULERS, ScheduledBatch
 from engine.stopping import stop_reason
+from planner.colocation import CoreSharing, SharedCores
 from planner.latency import StepModel
 from planner.transfer import LinkModel, TransferModel, schedule_layers
 
@@ -47,7 +49,9 @@ class SimSetup:
     blocks: dict[str, int]                       # KV blocks per instance, by pool
     transfer: TransferModel | None = None
     link: Callable[[int, int], LinkModel] | None = None   # (prefill index, decode index) -> link
-    step_overhead_s: float = 0.0                 # per step, beyond the step model (the loop)
+    overhead_s: dict[str, float] = field(default_factory=dict)   # per step by pool: the serving loop's own
+    sharing: CoreSharing | None = None           # CPU: steps slow down while instances share a node's cores
+    node_of: dict[str, int] = field(default_factory=dict)        # instance -> node, for `sharing`
 
 
 class _Clock:
@@ -89,7 +93,8 @@ class SimInstance:
         self.blocks = BlockManager(num_blocks, sim.config.engine.block_size)
         self.scheduler = SCHEDULERS[policy](scheduler_config_for(sim.setup.model, sim.config.engine_config(pool)),
                                             self.blocks)
-        self.step_model = sim.setup.steps["prefill" if name.startswith("prefill") else "decode"]
+        self.pool = "prefill" if name.startswith("prefill") else "decode"
+        self.step_model = sim.setup.steps[self.pool]
         self.busy = False
         self.kick_pending = False
         # decode: landed transfers waiting for blocks, FIFO (the runtime's staged admission queue)
@@ -129,12 +134,13 @@ class SimInstance:
         if batch.is_empty:
             return
         self.busy = True
-        dt = self.step_model.step_time(batch) + self.sim.setup.step_overhead_s
+        work = self.step_model.step_time(batch) + self.sim.setup.overhead_s.get(self.pool, 0.0)
+        kind = "prefill" if batch.prefills else "decode"
+        dt = self.sim.cores.run(self.name, kind, work, lambda: self._end_step(batch))
         if self.role == "prefill":
             for s in batch.prefills:
                 if s.samples:
                     self.sim.begin_transfer(self, s.request, now, dt)
-        self.sim.clock.at(now + dt, lambda: self._end_step(batch))
 
     def _end_step(self, batch: ScheduledBatch) -> None:
         now = self.sim.clock.now
@@ -274,6 +280,7 @@ class Simulator:
     def __init__(self, config: ClusterConfig, setup: SimSetup) -> None:
         self.config, self.setup = config, setup
         self.clock = _Clock()
+        self.cores = SharedCores(self.clock, setup.sharing or CoreSharing({}), setup.node_of if setup.sharing else {})
         self.events: list[dict[str, Any]] = []
         self.dirty: set[str] = set()
         self.instances: dict[str, SimInstance] = {}

@@ -1,0 +1,193 @@
+"""Instances that share a node's cores: how much slower each step runs, measured and simulated.
+
+On a CPU node the cluster runs every instance as its own process with
+`cpu_threads_per_instance` threads. While more threads are busy than there are cores (and
+while instances contend for memory bandwidth) each step takes longer than it did alone,
+which a profile of one instance cannot show.
+
+    measured   the profiler starts K engine processes (as the cluster does: one process per
+               instance, the deployment's threads each) and lets k = 1..K of them step at once
+               over the same window; stretch(kind, k) = median step time with k busy / alone,
+               for prefill and for decode steps
+    simulated  SharedCores: a step's work is its modeled time alone (plus the serving loop's
+               overhead); while k instances of one node are busy, each progresses at
+               1 / stretch(kind, k) (processor sharing), re-timed whenever one starts or ends.
+               Beyond the measured K, stretch grows in proportion to k.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+KINDS = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class CoreSharing:
+    """stretch[kind][k - 1]: step time with k instances of a node busy / step time alone."""
+
+    stretch: dict[str, tuple[float, ...]]
+    cores: int = 0
+    threads_per_instance: int = 1
+
+    def factor(self, kind: str, num_busy: int) -> float:
+        table = self.stretch.get(kind) or self.stretch.get("decode") or (1.0,)
+        if num_busy <= len(table):
+            return max(1.0, table[max(0, num_busy - 1)])
+        return max(1.0, table[-1] * num_busy / len(table))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stretch": {k: list(v) for k, v in self.stretch.items()}, "cores": self.cores,
+                "threads_per_instance": self.threads_per_instance}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CoreSharing":
+        return cls({k: tuple(float(x) for x in v) for k, v in d["stretch"].items()}, int(d.get("cores", 0)),
+                   int(d.get("threads_per_instance", 1)))
+
+
+# ---- simulated: processor sharing per node -------------------------------------------------------
+
+@dataclass
+class _Run:
+    name: str
+    kind: str
+    remaining: float            # seconds of work alone
+    done: Callable[[], None]
+    rate: float = 1.0           # work seconds per wall second
+    since: float = 0.0
+    version: int = 0
+
+
+class SharedCores:
+    """Steps of the instances on one node share its cores (the simulator's view).
+
+    `clock` is the simulator's: `.now` and `.at(t, fn)`. Instances not in `node_of` run alone.
+    """
+
+    def __init__(self, clock: Any, sharing: CoreSharing, node_of: dict[str, int]) -> None:
+        self.clock, self.sharing, self.node_of = clock, sharing, node_of
+        self.runs: dict[int, dict[str, _Run]] = {}
+
+    def run(self, name: str, kind: str, work_s: float, done: Callable[[], None]) -> float:
+        """Start a step of `work_s` seconds alone; `done` fires when it ends. Returns the
+        expected wall time at the current sharing (for layer timing)."""
+        node = self.node_of.get(name)
+        if node is None:
+            self.clock.at(self.clock.now + work_s, done)
+            return work_s
+        runs = self.runs.setdefault(node, {})
+        runs[name] = _Run(name, kind, work_s, done, since=self.clock.now)
+        self._retime(node)
+        return work_s / runs[name].rate
+
+    def busy(self, node: int) -> int:
+        return len(self.runs.get(node, {}))
+
+    def _retime(self, node: int) -> None:
+        now = self.clock.now
+        runs = self.runs[node]
+        for r in runs.values():
+            r.remaining = max(0.0, r.remaining - (now - r.since) * r.rate)
+            r.since = now
+            r.rate = 1.0 / self.sharing.factor(r.kind, len(runs))
+            r.version += 1
+            self.clock.at(now + r.remaining / r.rate, lambda r=r, v=r.version: self._end(node, r, v))
+
+    def _end(self, node: int, run: _Run, version: int) -> None:
+        if run.version != version or self.runs[node].get(run.name) is not run:
+            return   # re-timed since: a later event ends it
+        del self.runs[node][run.name]
+        self._retime(node)
+        run.done()
+
+
+# ---- measured: k engine processes stepping at once ------------------------------------------------
+
+def _child(conn: Any, config: Any, threads: int, decode_shape: tuple[int, int], prefill_len: int) -> None:
+    """One instance's stand-in: an engine in its own process, stepping on command."""
+    import torch
+    torch.set_num_threads(threads)
+    from engine.request import SamplingParams
+    from planner.profile import EngineProfiler
+    prof = EngineProfiler(config, quick=True, log=lambda s: None)
+    eng = prof.engine
+    batch, ctx = decode_shape
+    decoding = [eng.add_request([1 + (i * 7 + j) % 1000 for j in range(ctx)],
+                                SamplingParams(max_tokens=100000, ignore_eos=True)) for i in range(batch)]
+    while any(r.in_prefill for r in decoding):
+        eng.step()
+    eng.step()
+    conn.send("ready")
+    while True:
+        cmd = conn.recv()
+        if cmd is None:
+            return
+        kind, start, duration = cmd
+        times: list[float] = []
+        while time.time() < start:
+            time.sleep(0.001)
+        while time.time() < start + duration:
+            t = time.perf_counter()
+            if kind == "decode":
+                eng.step()
+            else:
+                # a prompt alone while the decode batch waits: abort it after its step
+                reqs = [eng.add_request([1 + j % 1000 for j in range(prefill_len)],
+                                        SamplingParams(max_tokens=2, ignore_eos=True))]
+                for r in decoding:
+                    eng.scheduler.running.remove(r)
+                eng.step()
+                eng.abort(reqs[0].request_id)
+                eng.scheduler.running.extend(decoding)
+            times.append(time.perf_counter() - t)
+        conn.send(times)
+
+
+def measure_sharing(config: Any, max_instances: int, threads: int, duration_s: float = 5.0,
+                    decode_shape: tuple[int, int] = (16, 256), prefill_len: int = 256,
+                    log: Callable[[str], None] = print) -> CoreSharing:
+    """stretch(kind, k) for k = 1..max_instances engine processes on this node."""
+    import multiprocessing as mp
+    import os
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for _ in range(max_instances):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_child, args=(child, config, threads, decode_shape, prefill_len), daemon=True)
+        p.start()
+        pipes.append(parent)
+        procs.append(p)
+    try:
+        for pipe in pipes:
+            if not pipe.poll(600) or pipe.recv() != "ready":
+                raise RuntimeError("a co-location profile process did not start")
+        stretch: dict[str, list[float]] = {}
+        for kind in KINDS:
+            alone = None
+            for k in range(1, max_instances + 1):
+                start = time.time() + 0.3
+                for pipe in pipes[:k]:
+                    pipe.send((kind, start, duration_s))
+                steps = []
+                for pipe in pipes[:k]:
+                    times = pipe.recv()
+                    steps.extend(times[1:-1] or times)   # the last one may outlast the others
+                t = statistics.median(steps)
+                alone = alone or t
+                stretch.setdefault(kind, []).append(t / alone)
+                log(f"  {kind} steps with {k} instance(s) busy: {t * 1e3:.1f} ms (x{t / alone:.2f})")
+        return CoreSharing({k: tuple(v) for k, v in stretch.items()}, os.cpu_count() or 1, threads)
+    finally:
+        for pipe in pipes:
+            try:
+                pipe.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
