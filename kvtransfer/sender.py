@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from kvtransfer.codec import ModelFingerprint
-from kvtransfer.frames import ChannelError, recv_frame, send_frame
+from kvtransfer.frames import Body, ChannelError, body_nbytes, recv_frame, send_frame
 from kvtransfer.link import BandwidthEstimator, RateLimiter
 from kvtransfer.payload import LayerPacker
 
@@ -112,8 +112,9 @@ class KVSender:
             k, v = gather()
             body = out.packer.pack(layer_idx, k, v)
             out.bytes_raw += k.numel() * k.element_size() * 2
-            out.bytes_wire += len(body)
-            self.limiter.acquire(len(body))
+            size = body_nbytes(body)
+            out.bytes_wire += size
+            self.limiter.acquire(size)
             self._send({"type": "layer", "id": rid, "layer": layer_idx}, body)
         elif kind == "done" and not out.control:
             with self._lock:
@@ -137,7 +138,7 @@ class KVSender:
             threading.Thread(target=self._ack_loop, args=(sock,), name=f"kv-ack-{self.peer}", daemon=True).start()
         return self._sock
 
-    def _send(self, header: dict[str, Any], body: bytes | memoryview = b"") -> None:
+    def _send(self, header: dict[str, Any], body: Body = b"") -> None:
         send_frame(self._connect(), header, body)
 
     # ---- ack thread ------------------------------------------------------------------------
