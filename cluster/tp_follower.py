@@ -50,7 +50,7 @@ class TPFollower:
             self.staging = StagingArea(control=False, ttl_s=4 * self.timeout_s)
             heads = kv_heads_of(self.rank, self.size, model_config.num_kv_heads)
             self.receiver = KVReceiver(self.staging, heads, model_config.head_dim, dtype_name(self.runner.dtype),
-                                       advertise_host=advertise_host)
+                                       advertise_host=advertise_host, device=self.runner.device)
             info["address"] = self.receiver.address
         self._thread = threading.Thread(target=self._follow, name=f"{self.name}-rank{self.rank}", daemon=True)
         self._thread.start()

@@ -45,6 +45,8 @@ def scatter_heads(kv_cache: Any, layer: int, a: int, b: int, k: torch.Tensor, v:
     pos = torch.arange(k.shape[0], device=k_cache.device)
     slots = blocks[pos // block_size] * block_size + pos % block_size
     dev = k_cache.device
+    # from pinned staging these copies are asynchronous and ordered before the next decode step
+    # on the same stream; the host allocator keeps the staging memory until they are done
     k_cache.view(-1, *k_cache.shape[2:])[slots, a:b] = k.to(dev, k_cache.dtype, non_blocking=True)
     v_cache.view(-1, *v_cache.shape[2:])[slots, a:b] = v.to(dev, v_cache.dtype, non_blocking=True)
 
@@ -113,8 +115,6 @@ class DecodeWorker(LLMEngine):
             failed = self._admit_on_other_ranks(staged.request_id, block_ids)
             if failed:
                 raise ValueError(f"TP ranks {failed} of {self.name} did not receive their KV heads in time")
-            if self.runner.device.type == "cuda":
-                torch.cuda.current_stream().synchronize()
         except (ValueError, RuntimeError) as exc:
             self.blocks.free(block_ids)
             staged.reply(False, f"bad KV for {staged.request_id}: {exc}")
