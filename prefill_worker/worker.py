@@ -22,7 +22,7 @@ from engine.engine import LLMEngine
 from engine.request import LifecycleEvent, Request, RequestStatus
 from engine.request_spec import request_from_spec, request_to_spec
 from engine.scheduler import ScheduledBatch
-from kvtransfer.codec import choose_level
+from kvtransfer.codec import choose_level, coding_rates
 from prefill_worker.streamer import KVStreamer
 
 
@@ -145,7 +145,7 @@ class PrefillWorker(LLMEngine):
         if level == "auto":
             raw_bytes = req.num_prompt_tokens * self.model_config.kv_bytes_per_token(self.config.dtype)
             level = choose_level(raw_bytes, self.streamer.control_channel(target).bandwidth.bytes_per_s,
-                                 self.auto_budget_s)
+                                 self.auto_budget_s, rates=coding_rates(self.runner.device))
         self.levels[rid] = level
         spec = request_to_spec(req)
         spec["events"] = {}  # the prefill instance reports its own events to the front end

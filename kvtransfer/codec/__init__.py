@@ -4,13 +4,14 @@ Public surface:
     levels     LevelConfig, get_level, level_names, level_for_bits, register_level
     streams    KVEncoder / KVDecoder (header + independent per-layer sections, CRC32 each),
                encode_request / decode_request, ModelFingerprint, StreamHeader
-    control    choose_level (per chunk: raw if the link keeps up, else best level that fits)
+    control    choose_level (per chunk: raw if the link keeps up, else best level that fits),
+               coding_rates / CodingRates (how fast coding runs where it runs)
     errors     CodecError (a ValueError) for corrupt, truncated, mismatched or non-finite input
 See docs/codec.md for the format and measured numbers.
 """
 
 from kvtransfer.codec.codec import KVDecoder, KVEncoder, decode_request, encode_request, fingerprint_of
-from kvtransfer.codec.controller import choose_level, transfer_time_s
+from kvtransfer.codec.controller import DECLARED_RATES, CodingRates, choose_level, coding_rates, transfer_time_s
 from kvtransfer.codec.errors import CodecError
 from kvtransfer.codec.format import FORMAT_VERSION, MAGIC, ModelFingerprint, StreamHeader, parse_header, split_stream
 from kvtransfer.codec.levels import (QUALITY_ORDER, LevelConfig, get_level, level_for_bits, level_names,
@@ -23,8 +24,8 @@ def bits_per_element(stream_bytes: int, num_layers: int, num_tokens: int, num_kv
 
 
 __all__ = [
-    "CodecError", "FORMAT_VERSION", "KVDecoder", "KVEncoder", "LevelConfig", "MAGIC", "ModelFingerprint",
-    "QUALITY_ORDER", "StreamHeader", "bits_per_element", "choose_level", "decode_request", "encode_request",
+    "CodecError", "CodingRates", "DECLARED_RATES", "FORMAT_VERSION", "KVDecoder", "KVEncoder", "LevelConfig", "MAGIC", "ModelFingerprint",
+    "QUALITY_ORDER", "StreamHeader", "bits_per_element", "choose_level", "coding_rates", "decode_request", "encode_request",
     "fingerprint_of", "get_level", "level_for_bits", "level_names", "parse_header", "register_level",
     "split_stream", "transfer_time_s",
 ]

@@ -27,3 +27,19 @@ def test_smallest_when_nothing_fits_and_measured_bits_override():
     assert choose_level(64 * MB, 200e6, 0.1, encode_bytes_per_s={"default": 1e9}) != "default"
     with pytest.raises(ValueError):
         choose_level(1, 0, 1)
+
+
+def test_coding_slower_than_the_link_never_beats_raw():
+    from kvtransfer.codec import CodingRates, coding_rates
+    # a 1 Gb/s link: CPU coding (~10 MB/s) is far slower than sending raw, so raw wins even
+    # when nothing fits the budget; GPU coding (tens of GB/s) leaves the link as the bottleneck
+    link = 1e9 / 8
+    for budget in (0.01, 0.5, 10.0):
+        assert choose_level(64 * MB, link, budget, rates=coding_rates("cpu")) == "raw"
+    assert choose_level(64 * MB, link, 0.15, rates=coding_rates("cuda")) == "default"
+    assert coding_rates("cuda") != coding_rates("cpu") and coding_rates("mps") == coding_rates("cpu")
+    # a level is skipped when its own coding alone blows the budget; explicit rates override
+    slow = CodingRates({"lossless": 1e8}, {})
+    assert choose_level(64 * MB, 200e6, 0.3, rates=slow, levels=("raw", "lossless", "int8")) == "int8"
+    assert choose_level(64 * MB, 200e6, 0.3, rates=slow, encode_bytes_per_s={"lossless": 1e12},
+                        levels=("raw", "lossless", "int8")) == "lossless"
