@@ -17,5 +17,9 @@ timeout 300 python3 -m benchmarks.tp_latency --tp $SIZES --lengths 2048,8192 --b
 echo "== KV transfer per reshard pair"
 timeout 240 python3 -m benchmarks.reshard_gpu --pairs 1:1,2:1,1:2,2:2,4:2 --tokens 2048,8192 --levels raw \
   --out $D/reshard.json > $D/reshard.log 2>&1
+echo "== KV transfer with the default codec (coded on the prefill GPU, decoded on the decode GPU)"
+timeout 150 python3 -m benchmarks.reshard_gpu --pairs 1:1,2:1,4:2 --tokens 8192 --levels default \
+  --out $D/reshard_default.json > $D/reshard_default.log 2>&1
 tail -12 $D/reshard.log
+tail -4 $D/reshard_default.log
 tail -8 $D/tp_latency.log
