@@ -9,7 +9,8 @@ that the device bytes equal the CPU reference's.
 
     --baselines   zstd on the raw bytes and the CacheGen-as-released-style level, same chunks (CPU)
     --channel L   the cluster's per-layer path for levels L: LayerPacker -> LayerUnpacker on the device
-    --variants    default's stage times, shorter lanes, launch shapes
+    --stages      ms per launch group of default (quantize+histogram both ways)
+    --variants    stages, shorter lanes, launch shapes
     --cpu-smoke   tiny shapes on CPU under TRITON_INTERPRET=1 (tests run it; no speed meaning)
 
     python benchmarks/codec_speed.py --baselines --channel raw,default [--out FILE.json]
@@ -77,6 +78,8 @@ def _stages(h, kv: torch.Tensor) -> dict[str, float]:
     ws = Workspace(2 * nl, gmax, hh, cfg.alphabet, kv.device)
     out["scale stats"] = _time(lambda: scale_stats(kv, lo, hi, *modes, ws), 5) * 1e3
     out["quantize+histogram"] = _time(lambda: quantize_histogram(kv, lo, hi, ab, *modes, cfg.max_q, ws), 5) * 1e3
+    out["quantize+histogram (H*A-bin tiles)"] = _time(
+        lambda: quantize_histogram(kv, lo, hi, ab, *modes, cfg.max_q, ws, per_head=False), 5) * 1e3
     syms = quantize_histogram(kv, lo, hi, ab, *modes, cfg.max_q, ws)
     out["tables (encode)"] = _time(lambda: build_tables(ws.counts), 5) * 1e3
     tb = build_tables(ws.counts)
@@ -207,16 +210,24 @@ def channel_rows(fp: ModelFingerprint, kv: torch.Tensor, levels: list[str], iter
     return rows
 
 
+def stage_rows(fp: ModelFingerprint, kv: torch.Tensor) -> list[dict]:
+    """default: ms per encode/decode launch group (in the encode column)."""
+    t = kv.shape[2]
+    h = KVEncoder(fp, "default", token_start=0, num_tokens=t, seq_len=t).h
+    rows = []
+    for stage, ms in _stages(h, kv).items():
+        print(f"  stage {stage:>22} @{t}: {ms:8.3f} ms", flush=True)
+        rows.append(_row(f"stage {stage} (ms)", t, ms, float("nan"), float("nan")))
+    return rows
+
+
 def variant_rows(fp: ModelFingerprint, kv: torch.Tensor, iters: int) -> list[dict]:
-    """default: stage times, shorter lanes, and decode/encode launch shapes."""
+    """default: shorter lanes, and decode/encode launch shapes."""
     nl, _, t, hh, d = kv.shape
     raw = kv.numel() * kv.element_size()
     h = KVEncoder(fp, "default", token_start=0, num_tokens=t, seq_len=t).h
     de = gpu.encode_device(h, kv)
     rows = []
-    for stage, ms in _stages(h, kv).items():
-        print(f"  stage {stage:>22} @{t}: {ms:8.3f} ms", flush=True)
-        rows.append(_row(f"  stage {stage} (ms)", t, ms, float("nan"), float("nan")))
     for lane_len in (256, 512, 1024):
         lv = dataclasses.replace(h.level, name=f"default-lane{lane_len}", lane_len=lane_len)
         e2 = KVEncoder(fp, lv, token_start=0, num_tokens=t, seq_len=t)
@@ -249,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baselines", action="store_true", help="zstd and CacheGen-style rows (CPU)")
     ap.add_argument("--cachegen-layers", type=int, default=4, help="layers the CacheGen-style row codes")
     ap.add_argument("--channel", default="", help="levels to time through LayerPacker -> LayerUnpacker per layer")
-    ap.add_argument("--variants", action="store_true", help="also time default with other launch shapes")
+    ap.add_argument("--stages", action="store_true", help="ms per launch group of default's encode/decode")
+    ap.add_argument("--variants", action="store_true", help="also time default with other lanes and launch shapes")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes on the CPU (kernels under TRITON_INTERPRET=1): checks the script, not speed")
     ap.add_argument("--out", type=Path)
@@ -278,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             rows += baseline_rows(fp, kv, args.cachegen_layers)
         if args.channel:
             rows += channel_rows(fp, kv, args.channel.split(","), args.iters)
-        if args.variants and "default" in args.levels.split(","):
+        if args.stages or args.variants:
+            rows += stage_rows(fp, kv)
+        if args.variants:
             rows += variant_rows(fp, kv, args.iters)
     print(f"\n{dev}, KV {nl} layers x {hh} kv heads x {d}, bf16, torch {torch.__version__}")
     print("GB/s of raw KV (2 bytes/element); channel rows: GB/s per layer through pack / unpack")

@@ -241,19 +241,101 @@ def _quant_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_p
 
 
 @triton.jit
+def _quant_head_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr, al,
+                     seg, t_begin, t_end, lo, hi, T, H, D, GMAX, n, MODE: tl.constexpr, MAX_Q: tl.constexpr,
+                     A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr):
+    """_quant_pass with one head per tile ([BT, DP]) and one A-bin histogram per head: the same
+    symbols, scales and counts, but tl.histogram over AP bins instead of H * AP (its cost grows
+    with the bin count)."""
+    tq = hi - lo
+    hv = tl.arange(0, HP)[:, None]
+    dv = tl.arange(0, DP)[None, :]
+    gok = (hv < H) & (dv < D)
+    inv_g = tl.zeros([HP, DP], tl.float32)
+    if MODE != 2:
+        if MODE == 0:
+            gid = hv + dv * 0
+            cnt = tq * D
+            wmask = gok & (dv == 0)
+        else:
+            gid = hv * D + dv
+            cnt = tq
+            wmask = gok
+        code = _code(tl.load(amax_ptr + seg * GMAX + gid, mask=gok, other=0),
+                     tl.load(sums_ptr + seg * GMAX + gid, mask=gok, other=0), cnt)
+        base = tl.max(tl.max(tl.where(gok, code, -2147483647), 1), 0)
+        rel = tl.minimum(base - code, 255)
+        step = al * _scale_bits(base - rel)
+        step = tl.where(step > 0, step, 1.0)
+        inv_g = tl.where(gok, tl.math.div_rn(tl.full([HP, DP], 1.0, tl.float32), step), 0.0)
+        if t_begin == lo:
+            tl.store(rel_ptr + seg * GMAX + gid, rel.to(tl.uint8), mask=wmask)
+            tl.store(step_ptr + seg * GMAX + gid, step, mask=wmask)
+            tl.store(base_ptr + seg, base + 4096)
+    else:
+        base = tl.load(base_ptr + seg) - 4096
+    d1 = tl.arange(0, DP)
+    t1 = tl.arange(0, BT)
+    bins = tl.arange(0, AP)
+    for h in range(0, H):
+        inv_row = tl.sum(tl.where(hv == h, inv_g, 0.0), 0)          # [DP]: exact (one nonzero term)
+        hist = tl.zeros([AP], tl.int32)
+        num_pad = 0
+        for t0 in range(t_begin, t_end, BT):
+            tt = t0 + t1
+            ok = (tt < t_end)[:, None] & (d1 < D)[None, :]
+            off = seg.to(tl.int64) * T * H * D + tt.to(tl.int64)[:, None] * H * D + h * D + d1[None, :]
+            x = tl.load(kv_ptr + off, mask=ok, other=0).to(tl.float32)
+            if MODE == 2:
+                rok = tt < t_end
+                r = (tt - lo) * H + h
+                code = tl.load(codes_ptr + seg * GMAX + r, mask=rok, other=0)
+                rel = tl.minimum(base - code, 255)
+                step = al * _scale_bits(base - rel)
+                step = tl.where(step > 0, step, 1.0)
+                inv = tl.math.div_rn(tl.full([BT], 1.0, tl.float32), step)
+                tl.store(rel_ptr + seg * GMAX + r, rel.to(tl.uint8), mask=rok)
+                tl.store(step_ptr + seg * GMAX + r, step, mask=rok)
+                y = x * inv[:, None]
+            else:
+                y = x * inv_row[None, :]
+            y = tl.minimum(tl.maximum(y, -1048576.0), 1048576.0)
+            t = y.to(tl.int32)                      # truncates toward zero
+            tf = t.to(tl.float32)
+            q = t + (y >= tf + 0.5).to(tl.int32) - (y <= tf - 0.5).to(tl.int32)
+            esc = (q > MAX_Q) | (q < -MAX_Q)
+            sym = tl.where(esc, 2 * MAX_Q + 1, q + MAX_Q)
+            i = (tt - lo).to(tl.int64)[:, None] * H * D + h * D + d1[None, :]
+            tl.store(sym_ptr + seg.to(tl.int64) * n + i, sym.to(tl.uint8), mask=ok)
+            hist += tl.histogram(tl.reshape(tl.where(ok, sym, 0), [BT * DP]), AP)
+            num_pad += BT * DP - tl.sum(tl.sum(ok.to(tl.int32), 1), 0)
+        hist = hist - tl.where(bins == 0, num_pad, 0)
+        tl.atomic_add(counts_ptr + (seg * H + h) * A + bins, hist, mask=(hist != 0) & (bins < A))
+
+
+@triton.jit
 def _quant_kernel(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr, al_ptr,
                   lo, hi, T, H, D, GMAX, n, span, K_MODE: tl.constexpr, V_MODE: tl.constexpr, MAX_Q: tl.constexpr,
-                  A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr):
+                  A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
+                  PER_HEAD: tl.constexpr):
     seg = tl.program_id(0)
     t_begin = lo + tl.program_id(1) * span
     t_end = tl.minimum(t_begin + span, hi)
     al = tl.load(al_ptr + seg)
-    if seg % 2 == 0:
-        _quant_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr, al,
-                    seg, t_begin, t_end, lo, hi, T, H, D, GMAX, n, K_MODE, MAX_Q, A, AP, BT, HP, DP)
+    if PER_HEAD:
+        if seg % 2 == 0:
+            _quant_head_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr,
+                             al, seg, t_begin, t_end, lo, hi, T, H, D, GMAX, n, K_MODE, MAX_Q, A, AP, BT, HP, DP)
+        else:
+            _quant_head_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr,
+                             al, seg, t_begin, t_end, lo, hi, T, H, D, GMAX, n, V_MODE, MAX_Q, A, AP, BT, HP, DP)
     else:
-        _quant_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr, al,
-                    seg, t_begin, t_end, lo, hi, T, H, D, GMAX, n, V_MODE, MAX_Q, A, AP, BT, HP, DP)
+        if seg % 2 == 0:
+            _quant_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr, al,
+                        seg, t_begin, t_end, lo, hi, T, H, D, GMAX, n, K_MODE, MAX_Q, A, AP, BT, HP, DP)
+        else:
+            _quant_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, step_ptr, sym_ptr, counts_ptr, al,
+                        seg, t_begin, t_end, lo, hi, T, H, D, GMAX, n, V_MODE, MAX_Q, A, AP, BT, HP, DP)
 
 
 class Workspace:
@@ -294,18 +376,22 @@ def scale_stats(kv: torch.Tensor, lo: int, hi: int, k_mode: int, v_mode: int, ws
 
 
 def quantize_histogram(kv: torch.Tensor, lo: int, hi: int, alpha_band: torch.Tensor, k_mode: int, v_mode: int,
-                       max_q: int, ws: Workspace) -> torch.Tensor:
+                       max_q: int, ws: Workspace, per_head: bool = True) -> torch.Tensor:
     """-> syms uint8 [S, (hi - lo) * H * D]; fills ws.rel / ws.step / ws.base / ws.counts.
-    alpha_band: fp32 [S], fp32(alpha * band multiplier) of each segment."""
+    alpha_band: fp32 [S], fp32(alpha * band multiplier) of each segment. per_head: one head per
+    tile and an A-bin histogram per head (False: [BT, H, D] tiles, one H * A-bin histogram)."""
     nl, _, t, h, d = kv.shape
     n = (hi - lo) * h * d
     syms = torch.empty((2 * nl, n), dtype=torch.uint8, device=kv.device)
     if n:
         bt, hp, dp = _tile_shape(h, d)
+        if per_head:
+            bt = min(max(1, 4096 // dp), TOK_PER_PROG)
         grid = (2 * nl, triton.cdiv(hi - lo, TOK_PER_PROG))
         _quant_kernel[grid](kv, ws.amax, ws.sums, ws.codes, ws.base, ws.rel, ws.step, syms, ws.counts, alpha_band,
                             lo, hi, t, h, d, ws.gmax, n, TOK_PER_PROG, K_MODE=k_mode, V_MODE=v_mode, MAX_Q=max_q,
-                            A=2 * max_q + 2, AP=triton.next_power_of_2(2 * max_q + 2), BT=bt, HP=hp, DP=dp)
+                            A=2 * max_q + 2, AP=triton.next_power_of_2(2 * max_q + 2), BT=bt, HP=hp, DP=dp,
+                            PER_HEAD=per_head)
     return syms
 
 

@@ -14,11 +14,12 @@ def test_codec_speed_cpu_smoke(tmp_path, device):
     from benchmarks import codec_speed
     out = tmp_path / "speed.json"
     assert codec_speed.main(["--cpu-smoke", "--iters", "1", "--chunks", "12", "--levels", "default,lossless",
-                             "--baselines", "--channel", "raw,default", "--out", str(out)]) == 0
+                             "--baselines", "--channel", "raw,default", "--stages", "--out", str(out)]) == 0
     rows = {r["level"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["default"]["same_bytes"] is True and rows["lossless"]["same_bytes"] is True
     assert rows["channel raw"]["bits_per_element"] == 16.0
     assert rows["channel default"]["unpack_ms"] > 0 and "cachegen12" not in rows
     assert any(name.startswith("cachegen") for name in rows)
-    for r in rows.values():
-        assert r["chunk"] == 12 and r["bits_per_element"] > 0
+    assert rows["stage quantize+histogram (ms)"]["encode_GBps"] > 0
+    for name, r in rows.items():
+        assert r["chunk"] == 12 and (name.startswith("stage") or r["bits_per_element"] > 0)
