@@ -59,17 +59,22 @@ def decode_rank(rank: int, d: int, model: str, num_tokens: int, device: str, add
     blocks = torch.arange(spec.num_blocks - 1, device=device)
 
     def landed(staged: Any) -> None:   # a channel thread: the request's frames are all here
-        for layer, a, b, k, v in staged.frames:
-            scatter_heads(cache, layer, a, b, k, v, blocks)
-        if cache.kv.is_cuda:
-            torch.cuda.synchronize()
+        try:
+            for layer, a, b, k, v in staged.frames:
+                scatter_heads(cache, layer, a, b, k, v, blocks)
+            if cache.kv.is_cuda:
+                torch.cuda.synchronize()
+        except Exception as exc:   # noqa: BLE001 - reported to the parent, which stops
+            result_q.put(("failed", rank, staged.request_id, 0.0, f"decode rank {rank}: {exc!r}"))
+            return
         result_q.put(("landed", rank, staged.request_id, time.time(), _sent_sum(cache.kv, num_tokens)))
         staging.pop(staged.request_id)
         if staged.reply is not None:
             staged.reply(True, None)
 
     staging = StagingArea(control=rank == 0, on_complete=landed)
-    receiver = KVReceiver(staging, heads, cfg.head_dim, "bfloat16" if cache.kv.is_cuda else "float32")
+    receiver = KVReceiver(staging, heads, cfg.head_dim, "bfloat16" if cache.kv.is_cuda else "float32",
+                          device=cache.kv.device)   # as a decode worker: coded layers decode on its GPU
     addr_q.put((rank, receiver.address))
     time.sleep(3600)   # killed by the parent
 
@@ -89,9 +94,11 @@ def prefill_rank(rank: int, p: int, d: int, model: str, num_tokens: int, device:
     cache.kv.normal_()
     checksum = _sent_sum(cache.kv, num_tokens)
     block_ids = list(range(spec.num_blocks - 1))
-    acked: dict[str, float] = {}
-    streamer = KVStreamer(rank, p, cfg.num_kv_heads, cache,
-                          lambda rid, ok, reason, info: acked.setdefault(rid, time.time() if ok else -1.0))
+    def on_result(rid: str, ok: bool, reason: str | None, info: Any) -> None:
+        if not ok:   # the parent stops and shows why instead of waiting for a landing
+            result_q.put(("failed", rank, rid, 0.0, reason))
+
+    streamer = KVStreamer(rank, p, cfg.num_kv_heads, cache, on_result)
     streamer.connect({"decode": {"tp": d, "addresses": addresses}})
     spec_msg = {"id": "x", "prompt_token_ids": [1], "max_tokens": 2}
     for i in range(REPEATS + 1):   # the first round connects and warms up
@@ -129,7 +136,9 @@ def run_pair(p: int, d: int, model: str, num_tokens: int, device: str, level: st
             go.wait(timeout=300)
             starts, ends, sums = [], [], {"start": 0.0, "landed": 0.0}
             while len(starts) < p or len(ends) < d:
-                kind, _, rid, t, checksum = result_q.get(timeout=300)
+                kind, _, rid, t, checksum = result_q.get(timeout=90)
+                if kind == "failed":
+                    raise RuntimeError(f"{p}->{d} {level} {num_tokens} tokens: transfer of {rid} failed: {checksum}")
                 assert rid == f"r{i}", f"result for {rid} while timing r{i}"
                 (starts if kind == "start" else ends).append(t)
                 sums[kind] += checksum
