@@ -280,20 +280,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_smoke:
         checks = {f"{t}:{lv}" for t in chunks for lv in args.levels.split(",")}
     rows = []
-    for t in chunks:
-        kv = kv_like(nl, t, hh, d, where)
-        raw = kv.numel() * kv.element_size()
-        copy_s = _time(lambda: kv.clone(), args.iters)
-        rows.append(_row("device copy (clone)", t, raw / copy_s / 1e9, raw / copy_s / 1e9, 16.0))
-        rows += level_rows(fp, kv, args.levels.split(","), args.iters, checks)
-        if args.baselines:
-            rows += baseline_rows(fp, kv, args.cachegen_layers)
-        if args.channel:
-            rows += channel_rows(fp, kv, args.channel.split(","), args.iters)
-        if args.stages or args.variants:
-            rows += stage_rows(fp, kv)
-        if args.variants:
-            rows += variant_rows(fp, kv, args.iters)
+    decodes_on = gpu.decodes_on
+    if args.cpu_smoke:   # the channel rows' decoders run the interpreted kernels, as on a GPU
+        gpu.decodes_on = lambda device: True
+    try:
+        for t in chunks:
+            kv = kv_like(nl, t, hh, d, where)
+            raw = kv.numel() * kv.element_size()
+            copy_s = _time(lambda: kv.clone(), args.iters)
+            rows.append(_row("device copy (clone)", t, raw / copy_s / 1e9, raw / copy_s / 1e9, 16.0))
+            rows += level_rows(fp, kv, args.levels.split(","), args.iters, checks)
+            if args.baselines:
+                rows += baseline_rows(fp, kv, args.cachegen_layers)
+            if args.channel:
+                rows += channel_rows(fp, kv, args.channel.split(","), args.iters)
+            if args.stages or args.variants:
+                rows += stage_rows(fp, kv)
+            if args.variants:
+                rows += variant_rows(fp, kv, args.iters)
+    finally:
+        gpu.decodes_on = decodes_on
     print(f"\n{dev}, KV {nl} layers x {hh} kv heads x {d}, bf16, torch {torch.__version__}")
     print("GB/s of raw KV (2 bytes/element); channel rows: GB/s per layer through pack / unpack")
     print(f"{'level':>26} {'chunk':>6} {'encode GB/s':>12} {'decode GB/s':>12} {'bits/el':>8} {'same bytes':>10}  where")

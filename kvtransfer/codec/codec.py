@@ -86,7 +86,6 @@ class KVDecoder:
             raise CodecError(f"stream is for model {self.h.model.to_dict()}, this side expects {expect.to_dict()}")
         self._decode = LAYER_CODECS[self.h.level.kind][1]
         dev = None if device is None else torch.device(device)
-        # where the kernels decode: a CUDA device, or any device under TRITON_INTERPRET=1 (tests)
         self.device = dev if dev is not None and gpu.decodes_on(dev) and gpu.supports(self.h.level) else None
         self._stream = torch.cuda.Stream(self.device) if self.device is not None and self.device.type == "cuda" else None
 

@@ -15,6 +15,14 @@ from kvtransfer.payload import LayerPacker, LayerUnpacker, layout_of
 INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
+@pytest.fixture(autouse=True)
+def _kernels_decode_on_cpu(request, monkeypatch):
+    """On CPU the decoders given a device run the kernels interpreted (production: CUDA only)."""
+    if "device" in request.fixturenames and request.getfixturevalue("device").type == "cpu":
+        from kvtransfer.codec import gpu
+        monkeypatch.setattr(gpu, "decodes_on", lambda device: True)
+
+
 def _encoder(kv: torch.Tensor, level, token_start: int = 0, seq_len: int | None = None) -> KVEncoder:
     nl, _, t, hh, d = kv.shape
     fp = ModelFingerprint(nl, hh, d, str(kv.dtype).replace("torch.", ""))

@@ -15,6 +15,8 @@ def test_codec_speed_cpu_smoke(tmp_path, device):
     out = tmp_path / "speed.json"
     assert codec_speed.main(["--cpu-smoke", "--iters", "1", "--chunks", "12", "--levels", "default,lossless",
                              "--baselines", "--channel", "raw,default", "--stages", "--out", str(out)]) == 0
+    from kvtransfer.codec import gpu
+    assert not gpu.decodes_on(torch.device("cpu"))     # the smoke mode's switch does not leak
     rows = {r["level"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["default"]["same_bytes"] is True and rows["lossless"]["same_bytes"] is True
     assert rows["channel raw"]["bits_per_element"] == 16.0
