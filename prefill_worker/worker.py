@@ -145,7 +145,8 @@ class PrefillWorker(LLMEngine):
         if level == "auto":
             raw_bytes = req.num_prompt_tokens * self.model_config.kv_bytes_per_token(self.config.dtype)
             level = choose_level(raw_bytes, self.streamer.control_channel(target).bandwidth.bytes_per_s,
-                                 self.auto_budget_s, rates=coding_rates(self.runner.device))
+                                 self.auto_budget_s, rates=coding_rates(self.runner.device),
+                                 num_layers=self.model_config.num_layers)
         self.levels[rid] = level
         spec = request_to_spec(req)
         spec["events"] = {}  # the prefill instance reports its own events to the front end

@@ -19,9 +19,12 @@ from kvtransfer.codec.levels import QUALITY_ORDER, get_level
 
 @dataclass(frozen=True)
 class CodingRates:
-    """Bytes of raw KV per second that each level encodes / decodes at, one layer at a time."""
+    """How fast each level codes where the coding runs: bytes of raw KV per second, plus a
+    fixed encode + decode latency per layer (a GPU codes one layer in ~2k serial rANS steps per
+    lane whatever its size, so small layers are latency-bound)."""
     encode_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
     decode_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
+    per_layer_s: Mapping[str, float] = field(default_factory=dict)
 
 
 # Declared rates, per layer of one request as the cluster codes them (docs/codec.md).
@@ -30,7 +33,8 @@ class CodingRates:
 # cpu:  the CPU reference, one 256-token Llama-3-8B-shaped layer per call, 2 cores, 2026-11-27.
 DECLARED_RATES: dict[str, CodingRates] = {
     "cuda": CodingRates({"lossless": 17e9, "int8": 17e9, "default": 31e9, "aggressive": 27e9},
-                        {"lossless": 23e9, "int8": 21e9, "default": 32e9, "aggressive": 28e9}),
+                        {"lossless": 23e9, "int8": 21e9, "default": 32e9, "aggressive": 28e9},
+                        {"lossless": 3e-3, "int8": 3e-3, "default": 3e-3, "aggressive": 3e-3}),
     "cpu": CodingRates({"lossless": 9.5e6, "int8": 6.3e6, "default": 6.5e6, "aggressive": 7.1e6},
                        {"lossless": 10.9e6, "int8": 8.5e6, "default": 10.5e6, "aggressive": 11.1e6}),
 }
@@ -45,16 +49,20 @@ def coding_rates(where: object) -> CodingRates:
 def transfer_time_s(num_bytes_raw: int, level: str, link_bytes_per_s: float, *, dtype_bits: int = 16,
                     bits_per_element: Mapping[str, float] | None = None,
                     encode_bytes_per_s: Mapping[str, float] | None = None,
-                    decode_bytes_per_s: Mapping[str, float] | None = None) -> float:
+                    decode_bytes_per_s: Mapping[str, float] | None = None,
+                    coding_s: float = 0.0) -> float:
     """Seconds to encode, send and decode a chunk (serial: the sender thread encodes then sends
-    each layer, so this is an upper bound on the pipelined time)."""
+    each layer, so this is an upper bound on the pipelined time). `coding_s`: fixed coding
+    latency of the whole chunk (all its layers), added for coded levels."""
     bits = (bits_per_element or {}).get(level, get_level(level).expected_bits)
     wire = num_bytes_raw * min(bits, dtype_bits) / dtype_bits
     t = wire / link_bytes_per_s
+    if level == "raw":
+        return t
     for rates in (encode_bytes_per_s, decode_bytes_per_s):
-        if rates and level != "raw" and rates.get(level):
+        if rates and rates.get(level):
             t += num_bytes_raw / rates[level]
-    return t
+    return t + coding_s
 
 
 def choose_level(num_bytes_raw: int, link_bytes_per_s: float, time_budget_s: float, *,
@@ -62,12 +70,13 @@ def choose_level(num_bytes_raw: int, link_bytes_per_s: float, time_budget_s: flo
                  bits_per_element: Mapping[str, float] | None = None,
                  encode_bytes_per_s: Mapping[str, float] | None = None,
                  decode_bytes_per_s: Mapping[str, float] | None = None,
-                 rates: CodingRates | None = None) -> str:
+                 rates: CodingRates | None = None, num_layers: int = 1) -> str:
     """Level name for one chunk of `num_bytes_raw` bytes that must land within `time_budget_s`.
 
     Walks `levels` best quality first; returns the first that fits, or the fastest level when
     none does (sending something is better than stalling the request). `rates` supplies the
-    coding speeds that `encode_bytes_per_s` / `decode_bytes_per_s` do not.
+    coding speeds that `encode_bytes_per_s` / `decode_bytes_per_s` do not, and its per-layer
+    latency for `num_layers` layers.
     """
     if link_bytes_per_s <= 0:
         raise ValueError(f"link_bytes_per_s must be > 0, got {link_bytes_per_s}")
@@ -78,7 +87,9 @@ def choose_level(num_bytes_raw: int, link_bytes_per_s: float, time_budget_s: flo
         decode_bytes_per_s = {**rates.decode_bytes_per_s, **(decode_bytes_per_s or {})}
     kw = dict(dtype_bits=dtype_bits, bits_per_element=bits_per_element,
               encode_bytes_per_s=encode_bytes_per_s, decode_bytes_per_s=decode_bytes_per_s)
-    times = {name: transfer_time_s(num_bytes_raw, name, link_bytes_per_s, **kw) for name in levels}
+    fixed = rates.per_layer_s if rates is not None else {}
+    times = {name: transfer_time_s(num_bytes_raw, name, link_bytes_per_s, coding_s=num_layers * fixed.get(name, 0.0),
+                                   **kw) for name in levels}
     for name in levels:
         if times[name] <= time_budget_s:
             return name

@@ -43,3 +43,12 @@ def test_coding_slower_than_the_link_never_beats_raw():
     assert choose_level(64 * MB, 200e6, 0.3, rates=slow, levels=("raw", "lossless", "int8")) == "int8"
     assert choose_level(64 * MB, 200e6, 0.3, rates=slow, encode_bytes_per_s={"lossless": 1e12},
                         levels=("raw", "lossless", "int8")) == "lossless"
+
+
+def test_per_layer_coding_latency_keeps_small_requests_raw():
+    from kvtransfer.codec import CodingRates
+    fast = CodingRates({"default": 1e12}, {"default": 1e12}, {"default": 2e-3})
+    # 32 layers x 2 ms of coding latency: a 4 MB request on a 1 GB/s link is faster raw ...
+    assert choose_level(4 * MB, 1e9, 0.01, rates=fast, num_layers=32, levels=("raw", "default")) == "raw"
+    # ... a 512 MB one is not
+    assert choose_level(512 * MB, 1e9, 0.01, rates=fast, num_layers=32, levels=("raw", "default")) == "default"
