@@ -14,7 +14,7 @@ echo "== tests ($(( $(date +%s) - T0 )) s)"
 timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_codec_kernels.py \
   tests/kernels/test_codec_device_decode.py > "$D/tests.txt" 2>&1; tail -3 "$D/tests.txt"
 echo "== speed ($(( $(date +%s) - T0 )) s)"
-timeout 180 python benchmarks/codec_speed.py --iters 10 --baselines --channel raw,default,lossless \
+timeout 180 python benchmarks/codec_speed.py --iters 10 --baselines --channel raw,lossless,int8,default,aggressive \
   --stages --levels lossless,int8,default,aggressive --out "$D/speed.json" > "$D/speed.txt" 2>&1
 echo "speed exit $?"
 echo "== done in $(( $(date +%s) - T0 )) s; card: $(head -1 "$D/card.txt")"
