@@ -101,20 +101,23 @@ def _stats_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, flag_ptr, seg, 
     else:
         gid = hv * D + dv
     gok = (hv < H) & (dv < D)
-    acc_max = tl.zeros([HP, DP], tl.int32)
-    acc_sum = tl.zeros([HP, DP], tl.int64)
+    # per-element accumulators, reduced once after the loop (a cross-warp reduction per tile
+    # costs a shared-memory round trip and a barrier); mantissa sums fit int32 over one program's
+    # tokens (< 2^24 each, TOK_PER_PROG of them)
+    acc_max = tl.zeros([BT, HP, DP], tl.int32)
+    acc_sum = tl.zeros([BT, HP, DP], tl.int32)
     big_e = tl.zeros([HP, DP], tl.int32)
     if SECOND:
         big_e = _frexp_exp(tl.maximum(tl.load(amax_ptr + seg * GMAX + gid, mask=gok, other=1), 1))
-    row_max = -2147483647
-    bad = 0
+    row_max = tl.full([BT, HP], -2147483647, tl.int32)
+    bad = tl.zeros([BT, HP, DP], tl.int32)
     for t0 in range(t_begin, t_end, BT):
         off, ok, tt, hh, dd = _tile(kv_ptr, seg, t0, T, H, D, BT, HP, DP)
         x = tl.load(kv_ptr + off, mask=ok & (tt < t_end), other=0).to(tl.float32)
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         qok = ok & (tt >= lo) & (tt < hi) & (tt < t_end)
         if not SECOND:
-            bad += tl.sum(tl.sum(tl.sum(((bits >= 0x7F800000) & ok & (tt < t_end)).to(tl.int32), 2), 1), 0)
+            bad = tl.maximum(bad, ((bits >= 0x7F800000) & ok & (tt < t_end)).to(tl.int32))
         if MODE == 2:
             if not SECOND:
                 ramax = tl.max(tl.where(qok, bits, 0), 2)                       # [BT, HP]
@@ -125,29 +128,30 @@ def _stats_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, flag_ptr, seg, 
                 h2 = tl.arange(0, HP)[None, :]
                 rok = (t2 >= lo) & (t2 < hi) & (h2 < H) & (t2 < t_end)
                 tl.store(codes_ptr + seg * GMAX + (t2 - lo) * H + h2, code, mask=rok)
-                row_max = tl.maximum(row_max, tl.max(tl.max(tl.where(rok, code, -2147483647), 1), 0))
+                row_max = tl.maximum(row_max, tl.where(rok, code, -2147483647))
         else:
             if SECOND:
-                m = _fixed_mantissa(bits, big_e[None, :, :])
-                acc_sum += tl.sum(tl.where(qok, m, 0), 0).to(tl.int64)
+                acc_sum += tl.where(qok, _fixed_mantissa(bits, big_e[None, :, :]), 0)
             else:
-                acc_max = tl.maximum(acc_max, tl.max(tl.where(qok, bits, 0), 0))
+                acc_max = tl.maximum(acc_max, tl.where(qok, bits, 0))
     if not SECOND:
-        if bad > 0:
+        if tl.max(tl.max(tl.max(bad, 2), 1), 0) > 0:
             tl.atomic_max(flag_ptr, 1)
     if MODE == 2:
         if not SECOND:
-            tl.atomic_max(base_ptr + seg, row_max + 4096)
+            tl.atomic_max(base_ptr + seg, tl.max(tl.max(row_max, 1), 0) + 4096)
     elif MODE == 0:
         if SECOND:
-            tl.atomic_add(sums_ptr + seg * GMAX + tl.arange(0, HP), tl.sum(acc_sum, 1), mask=tl.arange(0, HP) < H)
+            tl.atomic_add(sums_ptr + seg * GMAX + tl.arange(0, HP),
+                          tl.sum(tl.sum(acc_sum.to(tl.int64), 0), 1), mask=tl.arange(0, HP) < H)
         else:
-            tl.atomic_max(amax_ptr + seg * GMAX + tl.arange(0, HP), tl.max(acc_max, 1), mask=tl.arange(0, HP) < H)
+            tl.atomic_max(amax_ptr + seg * GMAX + tl.arange(0, HP), tl.max(tl.max(acc_max, 0), 1),
+                          mask=tl.arange(0, HP) < H)
     else:
         if SECOND:
-            tl.atomic_add(sums_ptr + seg * GMAX + gid, acc_sum, mask=gok)
+            tl.atomic_add(sums_ptr + seg * GMAX + gid, tl.sum(acc_sum.to(tl.int64), 0), mask=gok)
         else:
-            tl.atomic_max(amax_ptr + seg * GMAX + gid, acc_max, mask=gok)
+            tl.atomic_max(amax_ptr + seg * GMAX + gid, tl.max(acc_max, 0), mask=gok)
 
 
 @triton.jit
@@ -308,7 +312,7 @@ def _quant_head_pass(kv_ptr, amax_ptr, sums_ptr, codes_ptr, base_ptr, rel_ptr, s
             i = (tt - lo).to(tl.int64)[:, None] * H * D + h * D + d1[None, :]
             tl.store(sym_ptr + seg.to(tl.int64) * n + i, sym.to(tl.uint8), mask=ok)
             hist += tl.histogram(tl.reshape(tl.where(ok, sym, 0), [BT * DP]), AP)
-            num_pad += BT * DP - tl.sum(tl.sum(ok.to(tl.int32), 1), 0)
+            num_pad += BT * DP - tl.minimum(t_end - t0, BT) * D          # masked slots counted as bin 0
         hist = hist - tl.where(bins == 0, num_pad, 0)
         tl.atomic_add(counts_ptr + (seg * H + h) * A + bins, hist, mask=(hist != 0) & (bins < A))
 
