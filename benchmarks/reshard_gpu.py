@@ -20,11 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import time
 from typing import Any
 
 REPEATS = 5
+
+
+def _own_gpu(device: str) -> str:
+    """Each rank process sees only its GPU, as Ray arranges it for the cluster's actors (so its
+    threads, e.g. the KV sender, all run on the current device)."""
+    if device.startswith("cuda:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
+        return "cuda"
+    return device
 
 
 def _spec(model: str, num_tokens: int, num_heads: int, device: str) -> Any:
@@ -52,6 +62,7 @@ def decode_rank(rank: int, d: int, model: str, num_tokens: int, device: str, add
     from kvtransfer.receiver import KVReceiver
     from kvtransfer.staging import StagingArea
 
+    device = _own_gpu(device)
     cfg, _ = _spec(model, num_tokens, 1, device)
     heads = kv_heads_of(rank, d, cfg.num_kv_heads)
     _, spec = _spec(model, num_tokens, heads[1] - heads[0], device)
@@ -87,6 +98,7 @@ def prefill_rank(rank: int, p: int, d: int, model: str, num_tokens: int, device:
     from engine.tensor_parallel import kv_heads_of
     from prefill_worker.streamer import KVStreamer
 
+    device = _own_gpu(device)
     cfg, _ = _spec(model, num_tokens, 1, device)
     heads = kv_heads_of(rank, p, cfg.num_kv_heads)
     _, spec = _spec(model, num_tokens, heads[1] - heads[0], device)
