@@ -95,8 +95,8 @@ class KVSender:
                 reason = f"KV transfer to {self.peer} failed: {exc}"
                 if isinstance(exc, (OSError, ChannelError)):
                     self._drop_connection(reason)
-                else:
-                    self._fail(rid, reason)
+                else:   # e.g. a level the codec does not know: fails at `begin`, before it is in flight
+                    self._fail(rid, reason, in_flight=kind != "begin")
 
     def _handle(self, kind: str, rid: str, arg: Any, out: _Outgoing | None) -> None:
         if kind == "begin":
@@ -173,10 +173,10 @@ class KVSender:
         for rid in overdue:
             self._fail(rid, f"no ack from {self.peer} within {self.timeout_s:.0f} s")
 
-    def _fail(self, rid: str, reason: str) -> None:
+    def _fail(self, rid: str, reason: str, in_flight: bool = True) -> None:
         with self._lock:
             out = self._inflight.pop(rid, None)
-        if out is not None:
+        if out is not None or not in_flight:
             self.on_result(rid, False, reason, {})
 
     def _drop_connection(self, reason: str) -> None:
