@@ -72,7 +72,7 @@ class LayerUnpacker:
 
     def unpack(self, body: bytearray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.decoder is not None:
-            return self.decoder.decode_layer(bytes(body))
+            return self.decoder.decode_layer(body)
         dtype = self.layout.torch_dtype
         shape = (self.num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
         half = len(body) // 2

@@ -24,8 +24,9 @@ def bits_per_element(stream_bytes: int, num_layers: int, num_tokens: int, num_kv
 
 
 __all__ = [
-    "CodecError", "CodingRates", "DECLARED_RATES", "FORMAT_VERSION", "KVDecoder", "KVEncoder", "LevelConfig", "MAGIC", "ModelFingerprint",
-    "QUALITY_ORDER", "StreamHeader", "bits_per_element", "choose_level", "coding_rates", "decode_request", "encode_request",
+    "CodecError", "CodingRates", "DECLARED_RATES", "FORMAT_VERSION", "KVDecoder", "KVEncoder", "LevelConfig",
+    "MAGIC", "ModelFingerprint", "QUALITY_ORDER", "StreamHeader", "bits_per_element", "choose_level", "coding_rates",
+    "decode_request", "encode_request",
     "fingerprint_of", "get_level", "level_for_bits", "level_names", "parse_header", "register_level",
     "split_stream", "transfer_time_s",
 ]

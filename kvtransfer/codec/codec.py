@@ -16,6 +16,7 @@ tensors that are ready to use on any stream.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 
@@ -27,6 +28,7 @@ from kvtransfer.codec.layer_codec import LAYER_CODECS
 from kvtransfer.codec.levels import LevelConfig, get_level
 
 Tensor = torch.Tensor
+Section = bytes | bytearray | memoryview
 
 
 class KVEncoder:
@@ -64,9 +66,12 @@ class KVEncoder:
             self._check(i, k, v)
         if layers and gpu.on_device(layers[0][1]) and gpu.supports(self.h.level):
             ids = [i for i, _, _ in layers]
-            kv = torch.stack([torch.stack([k.detach(), v.detach()]) for _, k, v in layers])  # [L, 2, T, H, D]
-            return [frame_section(p) for p in gpu.payloads(self.h, kv, gpu.encode_device(self.h, kv, layer_ids=ids),
-                                                           layer_ids=ids)]
+            dev = layers[0][1].device
+            # Triton launches on the current device: make it the tensors' one
+            with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
+                kv = torch.stack([torch.stack([k.detach(), v.detach()]) for _, k, v in layers])  # [L, 2, T, H, D]
+                enc = gpu.encode_device(self.h, kv, layer_ids=ids)
+                return [frame_section(p) for p in gpu.payloads(self.h, kv, enc, layer_ids=ids)]
         items = [(i, k.detach().cpu().contiguous(), v.detach().cpu().contiguous()) for i, k, v in layers]
         return [frame_section(p) for p in self._encode(self.h, items)]
 
@@ -87,9 +92,12 @@ class KVDecoder:
         self._decode = LAYER_CODECS[self.h.level.kind][1]
         dev = None if device is None else torch.device(device)
         self.device = dev if dev is not None and gpu.decodes_on(dev) and gpu.supports(self.h.level) else None
-        self._stream = torch.cuda.Stream(self.device) if self.device is not None and self.device.type == "cuda" else None
+        if self.device is not None and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if on_cuda else None
 
-    def decode_layers_indexed(self, sections: Sequence[bytes]) -> list[tuple[int, Tensor, Tensor]]:
+    def decode_layers_indexed(self, sections: Sequence[Section]) -> list[tuple[int, Tensor, Tensor]]:
         payloads = [parse_section(s) for s in sections]
         for p in payloads:
             i = p["layer"]
@@ -104,15 +112,17 @@ class KVDecoder:
             from kvtransfer.codec.device_decode import decode_payloads
             if self._stream is None:
                 return decode_payloads(self.h, payloads, self.device)
-            with torch.cuda.stream(self._stream):   # ends in a sync of this stream: tensors are ready
+            # the stream context also makes its device current (Triton launches there); decoding
+            # ends in a sync of this stream, so the tensors are ready for any other stream
+            with torch.cuda.stream(self._stream):
                 return decode_payloads(self.h, payloads, self.device)
         except (KeyError, TypeError, IndexError) as exc:
             raise CodecError(f"layer section malformed: {type(exc).__name__} {exc}") from exc
 
-    def decode_layer_indexed(self, section: bytes) -> tuple[int, Tensor, Tensor]:
+    def decode_layer_indexed(self, section: Section) -> tuple[int, Tensor, Tensor]:
         return self.decode_layers_indexed([section])[0]
 
-    def decode_layer(self, section: bytes) -> tuple[Tensor, Tensor]:
+    def decode_layer(self, section: Section) -> tuple[Tensor, Tensor]:
         _, k, v = self.decode_layer_indexed(section)
         return k, v
 

@@ -28,13 +28,14 @@ class CodingRates:
 
 
 # Declared rates, per layer of one request as the cluster codes them (docs/codec.md).
-# cuda: H200, 256-token chunks, all layers per launch (the slower chunk size; per-layer calls in
-#       the cluster are slower still, see the channel rows of benchmarks/codec_speed.py).
+# cuda: H200, 2026-11-27, LayerPacker.pack / LayerUnpacker.unpack of one Llama-3-8B-shaped layer
+#       (benchmarks/codec_speed.py channel rows), fitted as latency + bytes / rate over 256- and
+#       2048-token layers; int8 and aggressive use default's figures (same kernels).
 # cpu:  the CPU reference, one 256-token Llama-3-8B-shaped layer per call, 2 cores, 2026-11-27.
 DECLARED_RATES: dict[str, CodingRates] = {
-    "cuda": CodingRates({"lossless": 17e9, "int8": 17e9, "default": 31e9, "aggressive": 27e9},
-                        {"lossless": 23e9, "int8": 21e9, "default": 32e9, "aggressive": 28e9},
-                        {"lossless": 3e-3, "int8": 3e-3, "default": 3e-3, "aggressive": 3e-3}),
+    "cuda": CodingRates({"lossless": 1.4e9, "int8": 4.9e9, "default": 4.9e9, "aggressive": 4.9e9},
+                        {"lossless": 2.5e9, "int8": 2.0e9, "default": 2.0e9, "aggressive": 2.0e9},
+                        {"lossless": 2.9e-3, "int8": 2.7e-3, "default": 2.7e-3, "aggressive": 2.7e-3}),
     "cpu": CodingRates({"lossless": 9.5e6, "int8": 6.3e6, "default": 6.5e6, "aggressive": 7.1e6},
                        {"lossless": 10.9e6, "int8": 8.5e6, "default": 10.5e6, "aggressive": 11.1e6}),
 }

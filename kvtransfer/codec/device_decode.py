@@ -105,7 +105,8 @@ def _coded_segments(maps: list[Any], n: int, num_tables: int, alphabet: int, lan
     if not coded:
         return coded, stored, None
     w = np.concatenate(words) if sum(x.size for x in words) else np.zeros(1, np.uint16)
-    return coded, stored, {"words": pack.add(w.view(np.int16)), "counts": pack.add(np.concatenate(counts).view(np.int32)),
+    return coded, stored, {"words": pack.add(w.view(np.int16)),
+                           "counts": pack.add(np.concatenate(counts).view(np.int32)),
                            "states": pack.add(np.concatenate(states).view(np.int32)),
                            "freq": pack.add(np.concatenate(freqs).astype(np.int32))}
 
@@ -194,8 +195,8 @@ def decode_quant(h: StreamHeader, payloads: list[dict[str, Any]], device: torch.
             idx = np.frombuffer(idx_raw, "<u4").astype(np.int64)
             if idx.size and idx.max() >= n:
                 raise CodecError(f"{what}: escape list does not match the escape symbols (corrupt stream)")
-            if idx.size and np.unique(idx).size != idx.size:
-                raise CodecError(f"{what}: escape list names an element twice (corrupt stream)")
+            if idx.size > 1 and not bool(np.all(idx[1:] > idx[:-1])):   # encoders write them in order
+                raise CodecError(f"{what}: escape list is not strictly increasing (corrupt stream)")
             esc_idx.append(idx + s * n)
             esc_val.append(np.frombuffer(val_raw, idv))
             if "seg" not in sec:

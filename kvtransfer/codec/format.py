@@ -154,7 +154,7 @@ def parse_section(data: bytes | memoryview) -> dict[str, Any]:
     if size != len(data):
         raise CodecError(f"layer section: {len(data) - size} bytes beyond its frame")
     _, n, crc = _SEC.unpack_from(data)
-    body = bytes(data[_SEC.size:])
+    body = data[_SEC.size:]          # a view: msgpack copies out the bin fields it returns
     if zlib.crc32(body) != crc:
         raise CodecError("layer section CRC32 mismatch (corrupted payload)")
     p = _unpack(body, "layer section")

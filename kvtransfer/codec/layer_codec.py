@@ -157,9 +157,14 @@ def _scales(h: StreamHeader, xq: np.ndarray, mode: str) -> tuple[dict[str, Any],
     return {"scale_base": base, "scales": rel}, quant.decode_codes(codes).reshape(bshape)
 
 
+def _group_shape(mode: str, t: int, hh: int, d: int) -> tuple[int, int, int]:
+    """Broadcast shape of one scale per group over [t, H, D] (what _groups returns, no data)."""
+    return {"channel": (1, hh, d), "token_head": (t, hh, 1), "head": (1, hh, 1)}.get(mode, (t, 1, 1))
+
+
 def _scales_parse(h: StreamHeader, sec: dict[str, Any], tq: int, mode: str, what: str) -> np.ndarray:
     hh, d = h.model.num_kv_heads, h.model.head_dim
-    _, bshape = _groups(np.zeros((tq, hh, d), np.float32), mode)
+    bshape = _group_shape(mode, tq, hh, d)
     count = int(np.prod(bshape))
     if h.level.stat == "absmax":
         raw = field_bytes(sec, "scales", what, 2 * count)
