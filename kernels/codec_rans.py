@@ -14,7 +14,9 @@ Datasheet
           lut   uint8 [R, 2^14] symbol of each slot                (decoder only)
     rans_encode(syms, tables, num_tables, tab_div, tab_mod, lane_len)
         -> (words int16 [capacity], group word counts int32 [S * G], total int32 [1], states int32 [S * G * 32])
-    rans_decode(words, counts, states, tables, s_count, n, ...) -> syms uint8 [S, n] or values [S, n], flag
+    rans_decode(words, counts, states, tables, s_count, n, ...) -> syms uint8 [S, n] or values [S, n], flags
+        flags int32: [0] a lane did not end cleanly; with values, [1 + s] escapes in segment s,
+        whose slots come out NaN (the caller scatters the exact values and checks it named them all)
     syms   uint8 [S, n] (S segments of n symbols); symbol i of segment s uses table
            s * num_tables + (i // tab_div) % tab_mod
     lanes  num_groups = cdiv(n, 32 * lane_len) groups of 32 lanes per segment; symbol i goes to lane
