@@ -2,32 +2,45 @@
 # Planner fidelity on one multi-GPU machine (dummy llama-3-8b, bf16, ShareGPT lengths trace):
 # profile -> plan (fast link) -> measured + simulated sweeps of the chosen plan and a runner-up
 # -> plan under an emulated slow link and a measured check of its codec choice.
-# Everything lands under $OUT/planner_gpu.tgz; a table is printed last.
+# Everything lands under $OUT/planner/; a table is printed last.
 # Usage (device tool): bash benchmarks/sweep_planner_gpu.sh   [OUT, GPUS, LIMIT_S from the env]
+# SMOKE=1: the same steps on this machine's CPU with the tiny-gqa preset (checks the script, not speed).
+# The profile includes the serving overhead (a 1P1D cluster, one request at a time); the sweeps
+# warm the cluster up before their first point.
 set -u
-OUT=${OUT:-runs/planner_gpu}; GPUS=${GPUS:-2}; LIMIT_S=${LIMIT_S:-420}
-W=$OUT/w; mkdir -p $W
+OUT=${OUT:-runs/planner_gpu}; GPUS=${GPUS:-2}; LIMIT_S=${LIMIT_S:-540}; SMOKE=${SMOKE:-0}
+W=$OUT/planner; mkdir -p $W
 T0=$(date +%s); left() { echo $(( LIMIT_S - ($(date +%s) - T0) )); }
 TRACE=benchmarks/sweep_sharegpt_lengths.jsonl
+if [ "$SMOKE" = 1 ]; then
+  MODEL="{name: tiny-gqa, weights: dummy, dtype: float32}"; DEVICE=cpu; SLO="{ttft_s: 1.0, tpot_s: 0.1, attainment: 0.9}"
+  MAXP=256; MAXO=16; NREQ=30; LINK=0.05; echo "cpu (smoke)" > $W/cards.txt
+else
+  MODEL="{name: llama-3-8b, weights: dummy, dtype: bfloat16}"; DEVICE=cuda; SLO="{ttft_s: 0.25, tpot_s: 0.05, attainment: 0.9}"
+  MAXP=1024; MAXO=128; NREQ=120; LINK=2.0
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $W/cards.txt
+fi
 cat > $W/base.yaml <<YAML
-model: {name: llama-3-8b, weights: dummy, dtype: bfloat16}
-device: cuda
+model: $MODEL
+device: $DEVICE
 prefill: {max_batch_tokens: 4096, memory_fraction: 0.85}
 decode: {max_batch_size: 64, memory_fraction: 0.85}
 kv_transfer: {transport: tcp, codec: raw, timeout_s: 60}
-slo: {ttft_s: 0.25, tpot_s: 0.05, attainment: 0.9}
+slo: $SLO
 YAML
-sed 's/codec: raw, timeout_s: 60/codec: raw, link_gbps: 2.0, timeout_s: 60/' $W/base.yaml > $W/base_slow.yaml
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $W/cards.txt
-COMMON="--workload $TRACE --max-output-tokens 128 --max-prompt-tokens 1024 --gpus-per-node $GPUS"
+sed "s/codec: raw, timeout_s: 60/codec: raw, link_gbps: $LINK, timeout_s: 60/" $W/base.yaml > $W/base_slow.yaml
+COMMON="--workload $TRACE --max-output-tokens $MAXO --max-prompt-tokens $MAXP --gpus-per-node $GPUS"
 echo "== profile ($(left) s left)"
-timeout 150 splitserve profile $W/base.yaml --quick --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt
-echo "== plan, fast link ($(left) s left)"
-timeout 90 splitserve plan $W/base.yaml --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json \
-  --workload $TRACE --num-requests 400 --out $W/plan_fast.yaml 2>$W/plan_fast.log | tee $W/plan_fast.txt
-echo "== plan, emulated 2 Gb/s link ($(left) s left)"
-timeout 90 splitserve plan $W/base_slow.yaml --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json \
-  --workload $TRACE --num-requests 400 --out $W/plan_slow.yaml 2>$W/plan_slow.log | tee $W/plan_slow.txt
+timeout 240 splitserve profile $W/base.yaml --quick --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt
+echo "== plans, fast link and emulated $LINK Gb/s link, side by side on the CPU ($(left) s left)"
+timeout 120 splitserve plan $W/base.yaml --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json \
+  --workload $TRACE --num-requests 400 --max-prompt-tokens $MAXP --max-output-tokens $MAXO \
+  --out $W/plan_fast.yaml 2>$W/plan_fast.log > $W/plan_fast.txt &
+timeout 120 splitserve plan $W/base_slow.yaml --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json \
+  --workload $TRACE --num-requests 400 --max-prompt-tokens $MAXP --max-output-tokens $MAXO \
+  --out $W/plan_slow.yaml 2>$W/plan_slow.log > $W/plan_slow.txt &
+wait
+cat $W/plan_fast.txt $W/plan_slow.txt
 # the runner-up: the best simulated plan with a different codec (or the next one)
 python3 - $W <<'PY'
 import json, sys, yaml
@@ -58,16 +71,15 @@ RATES=$(cat $W/rates.txt); SLOW_RATE=$(cat $W/slow_rate.txt)
 for name in plan_fast plan_runnerup; do
   [ $(left) -lt 90 ] && { echo "skip $name: out of time"; continue; }
   echo "== sweep $name at $RATES ($(left) s left)"
-  timeout $(( $(left) - 30 )) splitserve sweep $W/$name.yaml --rates $RATES --num-requests 120 $COMMON \
+  timeout $(( $(left) - 30 )) splitserve sweep $W/$name.yaml --rates $RATES --num-requests $NREQ $COMMON \
     --profile $W/profile.json --timeout 60 --out $W/sweep_$name 2>$W/sweep_$name.log | tee $W/sweep_$name.txt
 done
 for name in plan_slow plan_slow_alt; do
   [ $(left) -lt 60 ] && { echo "skip $name: out of time"; continue; }
-  echo "== slow link: $name at $SLOW_RATE ($(left) s left)"
-  timeout $(( $(left) - 15 )) splitserve sweep $W/$name.yaml --rates $SLOW_RATE --num-requests 100 $COMMON \
+  echo "== slow link ($LINK Gb/s): $name at $SLOW_RATE ($(left) s left)"
+  timeout $(( $(left) - 15 )) splitserve sweep $W/$name.yaml --rates $SLOW_RATE --num-requests $NREQ $COMMON \
     --profile $W/profile.json --timeout 60 --out $W/sweep_$name 2>$W/sweep_$name.log | tee $W/sweep_$name.txt
 done
-tar czf $OUT/planner_gpu.tgz -C $W . 2>/dev/null
 echo "================ summary ($(cat $W/cards.txt | head -1))"
 for f in plan_fast plan_slow; do head -2 $W/$f.txt; done
 for f in sweep_plan_fast sweep_plan_runnerup sweep_plan_slow sweep_plan_slow_alt; do

@@ -12,7 +12,9 @@ which a profile of one instance cannot show.
     simulated  SharedCores: a step's work is its modeled time alone (plus the serving loop's
                overhead); while k instances of one node are busy, each progresses at
                1 / stretch(kind, k) (processor sharing), re-timed whenever one starts or ends.
-               Beyond the measured K, stretch grows in proportion to k.
+               Beyond the measured K, stretch grows in proportion to k. The CPU codec's
+               encode (prefill side) and decode (decode side) of each transfer are jobs on the
+               same cores (kind "codec", stretched like decode steps).
 """
 
 from __future__ import annotations
@@ -72,10 +74,13 @@ class SharedCores:
         self.clock, self.sharing, self.node_of = clock, sharing, node_of
         self.runs: dict[int, dict[str, _Run]] = {}
 
-    def run(self, name: str, kind: str, work_s: float, done: Callable[[], None]) -> float:
-        """Start a step of `work_s` seconds alone; `done` fires when it ends. Returns the
-        expected wall time at the current sharing (for layer timing)."""
-        node = self.node_of.get(name)
+    def shares(self, name: str) -> bool:
+        return name in self.node_of
+
+    def run(self, name: str, kind: str, work_s: float, done: Callable[[], None], on: str | None = None) -> float:
+        """Start `work_s` seconds of work (alone) on the node of instance `on` (default: `name`);
+        `done` fires when it ends. Returns the expected wall time at the current sharing."""
+        node = self.node_of.get(on or name)
         if node is None:
             self.clock.at(self.clock.now + work_s, done)
             return work_s

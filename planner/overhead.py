@@ -9,10 +9,11 @@ config, Ray, the front end) and sends requests one at a time, so no queueing and
 instance's work is in the numbers:
 
     prefill overhead  median TTFT - modeled prefill step of that prompt
-    decode overhead   median gap between consecutive decode tokens - modeled decode step at
-                      batch 1 and that context
+    decode overhead   median gap between consecutive decode steps - modeled decode step, at
+                      batch 1 (one request at a time) and at larger batches (B requests sent
+                      together, steps where all B decode), fitted as const + per_seq * batch
 
-Both are added to every modeled step of that pool (as work: they share cores like the step).
+They are added to every modeled step of that pool (as work: they share cores like the step).
 """
 
 from __future__ import annotations
@@ -28,38 +29,85 @@ from planner.latency import StepModel
 
 
 def measure_overhead(config: ClusterConfig, model: StepModel, num_requests: int = 8, prompt_len: int = 128,
-                     output_len: int = 16, log: Callable[[str], None] = print) -> dict[str, Any]:
+                     output_len: int = 16, batches: tuple[int, ...] = (8, 32),
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
     from cluster.cluster import Cluster
     cfg = replace(config, mode="disagg", placement="pack", prefill=replace(config.prefill, instances=1),
                   decode=replace(config.decode, instances=1))
     cluster = Cluster.start(cfg)
     ttfts: list[float] = []
-    gaps: list[float] = []
+    points: list[tuple[int, float, float]] = []    # (batch, served gap s, modeled step s)
     try:
+        # 1. one request at a time: TTFT, and decode steps at batch 1
         for i in range(num_requests + 1):   # the first warms the path up and is not counted
-            prompt = [1 + (i * 31 + j * 7) % 1000 for j in range(prompt_len)]
-            tokens: list[float] = []
-            rid = cluster.submit(prompt, SamplingParams(max_tokens=output_len, ignore_eos=True),
-                                 on_event=lambda e: tokens.append(e["t"]) if e.get("kind") == "token" else None)
-            cluster.wait([rid], timeout_s=120)
-            rec = cluster.frontend.requests[rid]
-            if i == 0 or not rec.done or len(tokens) < 3:
+            rid, steps = _submit(cluster, i, 1, prompt_len, output_len)[0]
+            if i == 0 or not cluster.frontend.requests[rid].done:
                 continue
             ttfts.append(cluster.frontend.record(rid).ttft_s)
-            gaps.extend(b - a for a, b in zip(tokens[1:], tokens[2:]))   # decode-to-decode only
+            points.extend(_gaps(steps, 1, prompt_len, model))
             time.sleep(0.2)
+        # 2. a decode batch of B at once (admitted together once their prefills are done)
+        for b in batches:
+            if b > cfg.decode.max_batch_size:
+                continue
+            # long enough that the first prefill batch is still decoding when the last joins
+            ids = _submit(cluster, 1000 * b, b, prompt_len // 2, 3 * output_len)
+            points.extend(_gaps(ids[0][1], b, prompt_len // 2, model))
     finally:
         cluster.shutdown()
     ttft = statistics.median(ttfts)
-    gap = statistics.median(gaps)
     model_prefill = model.prefill_time(prompt_len, prompt_len * prompt_len)
-    ctx = prompt_len + output_len / 2
-    model_decode = model.decode_time(1, ctx)
-    out = {"prefill_s": max(0.0, ttft - model_prefill), "decode_s": max(0.0, gap - model_decode),
+    per_batch = {}
+    for b in sorted({p[0] for p in points}):
+        gaps = [(g, m) for bb, g, m in points if bb == b]
+        per_batch[b] = (statistics.median(g for g, _ in gaps), statistics.median(m for _, m in gaps))
+        log(f"  decode batch {b}: served step {per_batch[b][0] * 1e3:.0f} ms vs modeled {per_batch[b][1] * 1e3:.0f} ms")
+    const, per_seq = _fit_overhead([(b, g - m) for b, (g, m) in per_batch.items()])
+    out = {"prefill_s": max(0.0, ttft - model_prefill), "decode_s": const, "decode_per_seq_s": per_seq,
            "served_ttft_s": ttft, "model_prefill_s": model_prefill,
-           "served_decode_gap_s": gap, "model_decode_s": model_decode,
+           "decode_steps": {str(b): {"served_s": g, "model_s": m} for b, (g, m) in per_batch.items()},
            "num_requests": len(ttfts), "prompt_len": prompt_len, "output_len": output_len}
-    log(f"  served TTFT {ttft * 1e3:.0f} ms vs modeled prefill {model_prefill * 1e3:.0f} ms; "
-        f"served decode gap {gap * 1e3:.0f} ms vs modeled step {model_decode * 1e3:.0f} ms")
+    log(f"  served TTFT {ttft * 1e3:.0f} ms vs modeled prefill {model_prefill * 1e3:.0f} ms; decode overhead "
+        f"{const * 1e3:.1f} ms + {per_seq * 1e3:.2f} ms/seq")
     return out
 
+
+def _submit(cluster: Any, base: int, n: int, prompt_len: int, output_len: int) -> list[tuple[str, dict[float, int]]]:
+    """n requests at once; waits for them. Returns (id, decode step time -> tokens in it) per
+    request (the step map is shared: every request's tokens of one step carry its time)."""
+    steps: dict[float, int] = {}
+    first: set[str] = set()
+
+    def on_event(e: dict[str, Any]) -> None:
+        if e.get("kind") != "token":
+            return
+        if e["id"] not in first:       # the first token comes from prefill
+            first.add(e["id"])
+            return
+        steps[e["t"]] = steps.get(e["t"], 0) + 1
+    ids = [cluster.submit([1 + ((base + i) * 31 + j * 7) % 1000 for j in range(prompt_len)],
+                          SamplingParams(max_tokens=output_len, ignore_eos=True), on_event=on_event) for i in range(n)]
+    cluster.wait(ids, timeout_s=300)
+    return [(rid, steps) for rid in ids]
+
+
+def _gaps(steps: dict[float, int], batch: int, prompt_len: int, model: StepModel) -> list[tuple[int, float, float]]:
+    """Gaps between consecutive decode steps that both ran the whole batch."""
+    ts = sorted(steps)
+    out = []
+    for k, (a, b) in enumerate(zip(ts, ts[1:])):
+        if steps[a] == batch and steps[b] == batch:
+            ctx = prompt_len + k + 2
+            out.append((batch, b - a, model.decode_time(batch, batch * ctx)))
+    return out
+
+
+def _fit_overhead(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """overhead = const + per_seq * batch through the measured points, both >= 0."""
+    if not points:
+        return 0.0, 0.0
+    if len(points) == 1:
+        return max(0.0, points[0][1]), 0.0
+    (b0, o0), (b1, o1) = min(points), max(points)
+    per_seq = max(0.0, (o1 - o0) / (b1 - b0))
+    return max(0.0, o0 - per_seq * b0), per_seq

@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"co-location {kind}: " + ", ".join(f"{k + 1} busy x{x:.2f}" for k, x in enumerate(st)))
     if prof.get("serving_overhead"):
         o = prof["serving_overhead"]
-        print(f"serving overhead: prefill {o['prefill_s'] * 1e3:.1f} ms, decode {o['decode_s'] * 1e3:.1f} ms per step")
+        print(f"serving overhead: prefill {o['prefill_s'] * 1e3:.1f} ms, decode {o['decode_s'] * 1e3:.1f} ms "
+              f"+ {o.get('decode_per_seq_s', 0.0) * 1e3:.2f} ms/seq per step")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(prof, indent=1) + "\n")
     print(f"  wrote {args.out} in {prof['profile_s']:.0f} s", file=sys.stderr)

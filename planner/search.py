@@ -132,7 +132,7 @@ def sim_setup(config: ClusterConfig, perf: Perf, budget: Budget, ideal: str | No
     overhead = dict(perf.overhead_s)
     if ideal:
         steps[ideal], blocks[ideal] = IDEAL, IDEAL_BLOCKS
-        overhead.pop(ideal, None)
+        overhead = {k: v for k, v in overhead.items() if not k.startswith(ideal)}
     # CPU: instances of one node share its cores; an ideal pool takes none
     sharing = perf.sharing if config.device == "cpu" else None
     node_of = {n: k for n, k in nodes.items() if not (ideal and n.startswith(ideal))}

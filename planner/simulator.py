@@ -49,7 +49,8 @@ class SimSetup:
     blocks: dict[str, int]                       # KV blocks per instance, by pool
     transfer: TransferModel | None = None
     link: Callable[[int, int], LinkModel] | None = None   # (prefill index, decode index) -> link
-    overhead_s: dict[str, float] = field(default_factory=dict)   # per step by pool: the serving loop's own
+    # the serving runtime's own seconds per step, by pool ("decode") and per sequence ("decode_per_seq")
+    overhead_s: dict[str, float] = field(default_factory=dict)
     sharing: CoreSharing | None = None           # CPU: steps slow down while instances share a node's cores
     node_of: dict[str, int] = field(default_factory=dict)        # instance -> node, for `sharing`
 
@@ -134,7 +135,9 @@ class SimInstance:
         if batch.is_empty:
             return
         self.busy = True
-        work = self.step_model.step_time(batch) + self.sim.setup.overhead_s.get(self.pool, 0.0)
+        over = self.sim.setup.overhead_s
+        work = (self.step_model.step_time(batch) + over.get(self.pool, 0.0)
+                + over.get(f"{self.pool}_per_seq", 0.0) * len(batch.seqs))
         kind = "prefill" if batch.prefills else "decode"
         dt = self.sim.cores.run(self.name, kind, work, lambda: self._end_step(batch))
         if self.role == "prefill":
@@ -222,8 +225,38 @@ class SimChannel:
         transfer = self.sim.setup.transfer
         send_s, recv_s = transfer.layer_times(tr.req.num_prompt_tokens, tr.level, self.link) if transfer else (0.0, 0.0)
         sender_free, landed = schedule_layers(tr.ready, send_s, recv_s, now)
+        enc, dec = transfer.codec_times(tr.req.num_prompt_tokens, tr.level) if transfer else (0.0, 0.0)
+        if (enc or dec) and self.sim.cores.shares(self.src.name):
+            self._code_on_cores(tr, sender_free, landed, enc, dec, send_s - enc)
+            return
         self.sim.clock.at(sender_free, self._next)
         self.sim.clock.at(landed, lambda: self._landed(tr))
+
+    def _code_on_cores(self, tr: _Transfer, sender_free: float, landed: float, enc: float, dec: float,
+                       wire: float) -> None:
+        """A CPU codec shares the nodes' cores with the instances: the encode (from the first
+        layer) and the decode (from its arrival) run as jobs there; the link and the per-layer
+        pipeline still bound the times from below."""
+        cores, clock, n = self.sim.cores, self.sim.clock, len(tr.ready)
+        rid = tr.req.request_id
+        state: dict[str, float] = {}
+
+        def finish() -> None:
+            if "sent" in state and "decoded" in state:
+                clock.at(max(clock.now, landed, state["sent"] + dec), lambda: self._landed(tr))
+
+        def encoded() -> None:
+            state["sent"] = max(clock.now, sender_free - wire) + wire
+            clock.at(state["sent"], self._next)
+            finish()
+
+        def decoded() -> None:
+            state["decoded"] = clock.now
+            finish()
+        start = max(clock.now, tr.ready[0])
+        clock.at(start, lambda: cores.run(f"{rid}/encode", "codec", n * enc, encoded, on=self.src.name))
+        clock.at(start + enc + wire, lambda: cores.run(f"{rid}/decode", "codec", n * dec, decoded,
+                                                             on=self.dst.name))
 
     def _next(self) -> None:
         self.queue.popleft()

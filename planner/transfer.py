@@ -44,6 +44,14 @@ class TransferModel:
         # expected_bits are for 16-bit input; a raw fp32 cache sends 32 bits
         return raw if level == "raw" else raw * min(bits, self.dtype_bits) / self.dtype_bits
 
+    def codec_times(self, num_tokens: int, level: str) -> tuple[float, float]:
+        """(encode, decode) seconds for one layer of one request: work on the host's cores."""
+        if level == "raw":
+            return 0.0, 0.0
+        raw = num_tokens * self.kv_bytes_per_token / self.num_layers
+        enc, dec = self.encode_bytes_per_s.get(level), self.decode_bytes_per_s.get(level)
+        return (raw / enc if enc else 0.0), (raw / dec if dec else 0.0)
+
     def layer_times(self, num_tokens: int, level: str, link: LinkModel) -> tuple[float, float]:
         """(sender seconds, receiver seconds) for one layer of one request."""
         raw = num_tokens * self.kv_bytes_per_token / self.num_layers
@@ -52,12 +60,8 @@ class TransferModel:
         if self.copy_bytes_per_s:
             send += raw / self.copy_bytes_per_s
             recv += raw / self.copy_bytes_per_s
-        if level != "raw":
-            if self.encode_bytes_per_s.get(level):
-                send += raw / self.encode_bytes_per_s[level]
-            if self.decode_bytes_per_s.get(level):
-                recv += raw / self.decode_bytes_per_s[level]
-        return send, recv
+        enc, dec = self.codec_times(num_tokens, level)
+        return send + enc, recv + dec
 
     def total_time(self, num_tokens: int, level: str, link: LinkModel) -> float:
         """Unoverlapped seconds for the whole request (for pruning and reports)."""

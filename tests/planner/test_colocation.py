@@ -49,3 +49,18 @@ def test_shared_cores_and_serving_overhead_slow_a_cluster_down(small_config, sma
     perf = replace(small_perf, sharing=SHARING, overhead_s={"prefill": 0.05})
     rec = Simulator(cfg, sim_setup(cfg, perf, Budget(3, 3))).run([100], [5], [1.0])[0]
     assert rec.ttft_s == pytest.approx(small_perf.step_model(1).prefill_time(100, 100 * 100) + 0.05, rel=1e-6)
+
+
+def test_a_cpu_codec_takes_cores_from_the_instances(small_config, small_perf, workload):
+    cfg = replace(small_config, kv_transfer=replace(small_config.kv_transfer, codec="int8"))
+    slow_codec = replace(small_perf.transfer, encode_bytes_per_s={"int8": 2e7}, decode_bytes_per_s={"int8": 2e7})
+    prompts, outputs, arrivals = workload.trace(80, 3.0)
+
+    def tpot_p50(perf):
+        recs = Simulator(cfg, sim_setup(cfg, perf, Budget(2, 2))).run(prompts, outputs, arrivals)
+        assert all(r.ok for r in recs)
+        tp = sorted(r.tpot_s for r in recs)
+        return tp[len(tp) // 2]
+    apart = tpot_p50(replace(small_perf, transfer=slow_codec, sharing=None))
+    shared = tpot_p50(replace(small_perf, transfer=slow_codec, sharing=CoreSharing({"decode": (1.0, 2.0, 3.0)})))
+    assert shared > apart * 1.1
