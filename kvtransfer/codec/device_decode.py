@@ -3,7 +3,7 @@ instance computes, bit-exact to the CPU reference (layer_codec._decode_quant / _
 
     parse (CPU, msgpack + CRC32 done by format.parse_section)
       -> checks and packing into one host buffer (pinned on CUDA)   words, counts, states,
-                                                                     frequencies, steps, exact
+                                                                     frequencies, scale codes, exact
                                                                      tokens, escapes
       -> one non-blocking upload
       -> tables + LUT                                                 1 launch
@@ -27,10 +27,8 @@ import torch
 
 from kvtransfer.codec import entropy
 from kvtransfer.codec.errors import CodecError
-from kvtransfer.codec.format import INT_VIEW, StreamHeader, field_bytes
+from kvtransfer.codec.format import INT_VIEW, StreamHeader, field_bytes, field_int
 from kvtransfer.codec.gpu import _group_layout, _quant_range, supports
-from kvtransfer.codec.layer_codec import _scales_parse
-from kvtransfer.codec.quant import steps_from_scales
 from kvtransfer.codec.rans import RANS_L, plan_lanes
 
 Tensor = torch.Tensor
@@ -130,6 +128,16 @@ def _decode_symbols(h: StreamHeader, n: int, coded: list[int], stored: dict[int,
     return syms
 
 
+def _steps(codes: Tensor, alphas: Tensor) -> Tensor:
+    """Scale codes int32 [S, G] -> fp32 steps, bit for bit quant.decode_codes + steps_from_scales:
+    the scale 2^(code >> 3) * (1 + (code % 8 + 0.5) / 8) is built from its bits (as the encoder's
+    kernel does), then one fp32 multiply by fp32(alpha * band); a zero step becomes 1."""
+    e = torch.clamp(codes >> 3, -100, 100)
+    scale = (((e + 127) << 23) | ((1 + 2 * (codes & 7)) << 19)).view(torch.float32)
+    step = alphas * scale
+    return torch.where(step > 0, step, torch.ones_like(step))
+
+
 def _finish(flags: list[Tensor], what: str) -> None:
     """The one host sync: raise if a lane did not end cleanly or an escape slot disagrees."""
     if flags and int(torch.stack([f.reshape(()) for f in flags]).amax().item()):
@@ -178,7 +186,8 @@ def decode_quant(h: StreamHeader, payloads: list[dict[str, Any]], device: torch.
     gmax = max(_group_layout(mode, tq, hh, d)[0] for mode in modes) if tq else 1
     pack = _HostPack()
     exact = np.empty((s_count, te * hh * d), dtype=idv)
-    steps = np.ones((s_count, gmax), dtype=np.float32)
+    codes = np.zeros((s_count, gmax), dtype=np.int32)        # 1/8-octave log scale codes per group
+    alphas = np.ones((s_count, 1), dtype=np.float32)        # fp32(alpha * band), as quant.steps_from_scales
     esc_idx, esc_val, maps = [], [], []
     for j, p in enumerate(payloads):
         band = cfg.band_multiplier(p["layer"], m.num_layers)
@@ -187,8 +196,10 @@ def decode_quant(h: StreamHeader, payloads: list[dict[str, Any]], device: torch.
             exact[s] = np.frombuffer(field_bytes(sec, "exact", what, te * hh * d * es), idv)
             if not tq:
                 continue
-            step, _ = steps_from_scales(_scales_parse(h, sec, tq, mode, what), alpha * band)
-            steps[s, :step.size] = step.reshape(-1)
+            num_g = _group_layout(mode, tq, hh, d)[0]
+            rel = np.frombuffer(field_bytes(sec, "scales", what, num_g), np.uint8)
+            codes[s, :num_g] = field_int(sec, "scale_base", what) - rel.astype(np.int32)
+            alphas[s] = np.float32(alpha * band)
             idx_raw, val_raw = field_bytes(sec, "esc_idx", what), field_bytes(sec, "esc_val", what)
             if len(idx_raw) % 4 or len(val_raw) != len(idx_raw) // 4 * es:
                 raise CodecError(f"{what}: escape indices and values disagree in count")
@@ -205,7 +216,7 @@ def decode_quant(h: StreamHeader, payloads: list[dict[str, Any]], device: torch.
     i_exact = pack.add(exact)
     flags: list[Tensor] = []
     if tq:
-        i_steps = pack.add(steps)
+        i_codes, i_alphas = pack.add(codes), pack.add(alphas)
         gidx = np.concatenate(esc_idx)
         i_eidx, i_eval = pack.add(gidx), pack.add(np.concatenate(esc_val))
         i_ecount = pack.add(np.array([a.size for a in esc_idx], dtype=np.int32))
@@ -214,9 +225,10 @@ def decode_quant(h: StreamHeader, payloads: list[dict[str, Any]], device: torch.
     out = torch.empty((nl, 2, t, hh, d), dtype=dt, device=device)
     ints = out.view(INT_VIEW[dt])
     if tq:
+        step = _steps(dev[i_codes], dev[i_alphas])
         if len(coded) == s_count:   # the usual case: decode fused with dequantize
             ks, vs = (_group_layout(mode, tq, hh, d)[1:] for mode in modes)
-            values = {"step": dev[i_steps], "k": (ks[0], 0 if cfg.k_scale == "token_head" else ks[1]),
+            values = {"step": step, "k": (ks[0], 0 if cfg.k_scale == "token_head" else ks[1]),
                       "v": (vs[0], 0 if cfg.v_scale == "token_head" else vs[1]), "max_q": cfg.max_q, "dtype": dt}
             tables = build_tables(dev[idx["freq"]], from_counts=False, want_lut=True)
             vals, flag = rans_decode(dev[idx["words"]], dev[idx["counts"]], dev[idx["states"]], tables, s_count, n,
@@ -228,7 +240,7 @@ def decode_quant(h: StreamHeader, payloads: list[dict[str, Any]], device: torch.
             vals = torch.empty((s_count, n), dtype=dt, device=device)
             for k, mode in enumerate(modes):
                 _, gdiv, gmod = _group_layout(mode, tq, hh, d)
-                vals[k::2] = dequantize(syms[k::2].contiguous(), dev[i_steps][k::2].contiguous(), gdiv, gmod,
+                vals[k::2] = dequantize(syms[k::2].contiguous(), step[k::2].contiguous(), gdiv, gmod,
                                         cfg.max_q, dt)
             esc = syms == 2 * cfg.max_q + 1
             bad = esc.sum() != int(gidx.size)
