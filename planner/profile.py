@@ -11,8 +11,8 @@
     serving_overhead  the runtime's own time per step beyond LLMEngine.step, measured on the
               running cluster one request at a time (planner.overhead)
 
-Per TP size: TP=1 always; larger TP sizes only where the engine runs tensor parallel (not
-in this build: they are noted as skipped and the planner derives them from TP=1).
+Per TP size: TP=1 always; larger sizes with `tp_sizes` (planner.tp_profile: one process per
+rank, as the runtime runs them); sizes not measured are derived from a measured one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from cluster.config import ClusterConfig
-from engine.config import EngineConfig, parse_dtype
+from engine.config import EngineConfig, ModelConfig, parse_dtype
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
 
@@ -42,25 +42,31 @@ def _median_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) 
     return statistics.median(times)
 
 
+def profile_engine_config(config: ClusterConfig, model: ModelConfig) -> EngineConfig:
+    """The engine the profile steps (every TP rank builds the same one)."""
+    return EngineConfig(block_size=config.engine.block_size, num_blocks=None,
+                        max_num_seqs=max(config.decode.max_batch_size, 64),
+                        max_num_batched_tokens=max(config.prefill.max_batch_tokens, 256, 2048),
+                        max_model_len=min(model.max_position_embeddings, config.engine.max_model_len or 4096),
+                        dtype=parse_dtype(config.model.dtype), device=config.device,
+                        gpu_memory_fraction=config.decode.memory_fraction,
+                        cpu_kv_bytes=2 << 30, extra={"chunk_size": None})
+
+
 class EngineProfiler:
-    def __init__(self, config: ClusterConfig, quick: bool = False, log: Callable[[str], None] = print) -> None:
+    def __init__(self, config: ClusterConfig, quick: bool = False, log: Callable[[str], None] = print,
+                 runner: Any = None) -> None:
+        """`runner`: a TP rank-0 runner (planner.tp_profile); None for one device."""
         self.config = config
         self.quick = quick
         self.log = log
-        source = config.model.source
-        self.model = source.model_config()
-        pool = config.decode
-        max_len = min(self.model.max_position_embeddings, config.engine.max_model_len or 4096)
-        self.max_len = max_len
+        self.model = config.model.source.model_config()
+        self.max_len = min(self.model.max_position_embeddings, config.engine.max_model_len or 4096)
         self.max_batch_tokens = max(config.prefill.max_batch_tokens, 256)
-        self.max_batch = pool.max_batch_size
-        ec = EngineConfig(block_size=config.engine.block_size, num_blocks=None, max_num_seqs=max(self.max_batch, 64),
-                          max_num_batched_tokens=max(self.max_batch_tokens, 2048), max_model_len=max_len,
-                          dtype=parse_dtype(config.model.dtype), device=config.device,
-                          gpu_memory_fraction=pool.memory_fraction,
-                          cpu_kv_bytes=2 << 30, extra={"chunk_size": None})
+        self.max_batch = config.decode.max_batch_size
         # dummy weights time the same as real ones and load in a moment
-        self.engine = LLMEngine(self.model, ec, policy="continuous")
+        self.engine = LLMEngine(self.model, profile_engine_config(config, self.model), policy="continuous",
+                                runner=runner)
         cuda = config.device == "cuda"
         self.sync = torch.cuda.synchronize if cuda else (lambda: None)
         self.repeats = 3 if quick or not cuda else 5
@@ -198,9 +204,11 @@ def device_to_host_bytes_per_s(nbytes: int = 64 << 20) -> float | None:
 
 
 def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] = ("raw", "lossless", "int8", "default", "aggressive"),
-            log: Callable[[str], None] = print, colocate: int | None = None, serving: bool = True) -> dict[str, Any]:
+            log: Callable[[str], None] = print, colocate: int | None = None, serving: bool = True,
+            tp_sizes: tuple[int, ...] = (1,)) -> dict[str, Any]:
     """`colocate`: instances sharing a CPU node to measure (default: the config's, at least
-    one more than fit the cores); `serving`: measure the runtime's overhead on a running cluster."""
+    one more than fit the cores); `serving`: measure the runtime's overhead on a running cluster;
+    `tp_sizes`: TP sizes to measure besides 1 (one process per rank; the rest are derived)."""
     t0 = time.monotonic()
     threads = config.engine.cpu_threads_per_instance or 1
     if config.device == "cpu":
@@ -211,9 +219,18 @@ def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] 
     pre = prof.prefill_points()
     log("decode steps")
     dec = prof.decode_points()
-    if config.prefill.tp > 1 or config.decode.tp > 1 or config.device == "cuda":
-        notes.append("TP>1 not profiled: the engine in this build runs one device per instance; "
-                     "the planner derives TP>1 step times from TP=1")
+    per_tp = {"1": {"prefill": pre, "decode": dec}}
+    for tp in sorted(set(tp_sizes) - {1}):
+        log(f"TP {tp} steps (one process per rank)")
+        try:
+            from planner.tp_profile import profile_tp
+            per_tp[str(tp)] = profile_tp(config, tp, quick, log=log)
+        except Exception as exc:  # the other sizes stand; the planner derives this one
+            notes.append(f"TP {tp} not profiled: {str(exc).splitlines()[-1][:200]}")
+            log(f"  {notes[-1]}")
+    if len(per_tp) == 1:
+        notes.append("only TP 1 profiled (splitserve profile --tp-sizes adds more); the planner derives "
+                     "TP>1 step times from TP 1")
     log("KV link and codec")
     layers, _ = prof.sample_kv(min(512, prof.max_batch_tokens))
     tcp = loopback_tcp_bytes_per_s()
@@ -240,7 +257,7 @@ def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] 
         "model": prof.model.name, "weights": config.model.weights, "dtype": config.model.dtype,
         "device": config.device, "device_name": name, "num_threads": threads if config.device == "cpu" else None,
         "block_size": config.engine.block_size,
-        "tp": {"1": {"prefill": pre, "decode": dec}},
+        "tp": per_tp,
         "links": {"tcp": {"bytes_per_s": tcp, "per_layer_s": 0.0}},
         "copy_bytes_per_s": device_to_host_bytes_per_s(),
         "codec": codec,

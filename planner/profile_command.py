@@ -7,6 +7,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from cluster.config import load_cluster_config
 from engine.errors import SplitserveError
@@ -24,6 +27,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the config's instances, at least one more than the cores hold)")
     p.add_argument("--no-serving", action="store_true",
                    help="skip the serving-overhead measurement on a running cluster")
+    p.add_argument("--tp-sizes", default="1",
+                   help="TP sizes to measure, e.g. 1,2,4 (one process per rank; on GPUs each needs that "
+                        "many devices); sizes not measured are derived from a measured one")
+
+
+def tp_sizes_to_profile(config: Any, text: str) -> tuple[int, ...]:
+    """--tp-sizes "1,2,4" -> (1, 2, 4), each dividing the model and fitting the GPUs here."""
+    from engine.tensor_parallel import validate_tp
+    try:
+        sizes = tuple(sorted({1, *(int(x) for x in text.split(",") if x.strip())}))
+    except ValueError:
+        raise ValueError(f"--tp-sizes: {text!r} is not a comma-separated list of integers, e.g. 1,2,4") from None
+    model = config.model.source.model_config()
+    gpus = torch.cuda.device_count() if config.device == "cuda" else None
+    for tp in sizes:
+        if tp < 1:
+            raise ValueError(f"--tp-sizes: {tp} is not a TP size; use positive integers")
+        validate_tp(model, tp, field="--tp-sizes")
+        if gpus is not None and tp > gpus:
+            raise ValueError(f"--tp-sizes: TP {tp} needs {tp} GPUs, this machine has {gpus}; drop it")
+    return sizes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,8 +56,14 @@ def run(args: argparse.Namespace) -> int:
     except SplitserveError as exc:
         print(f"splitserve profile: {exc}", file=sys.stderr)
         return 2
+    try:
+        tp_sizes = tp_sizes_to_profile(config, args.tp_sizes)
+    except (SplitserveError, ValueError) as exc:
+        print(f"splitserve profile: {exc}", file=sys.stderr)
+        return 2
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
-    prof = profile(config, args.quick, tuple(args.codecs.split(",")), log, args.colocate, not args.no_serving)
+    prof = profile(config, args.quick, tuple(args.codecs.split(",")), log, args.colocate, not args.no_serving,
+                   tp_sizes)
     for tp, entry in prof["tp"].items():
         m = fit_step_model(int(tp), entry["prefill"], entry["decode"])
         entry["fit"] = m.to_json()

@@ -1,0 +1,33 @@
+"""TP > 1 step times measured with one process per rank (gloo on CPU)."""
+
+import pytest
+
+from cluster.config import parse_cluster_config
+from planner.latency import fit_step_model
+from planner.profile_command import tp_sizes_to_profile
+from planner.tp_profile import profile_tp
+
+
+def _config():
+    return parse_cluster_config({
+        "model": {"name": "tiny-gqa", "weights": "dummy"}, "device": "cpu",
+        "prefill": {"instances": 1, "max_batch_tokens": 256}, "decode": {"instances": 1, "max_batch_size": 4},
+        "slo": {"ttft_s": 1.0, "tpot_s": 0.1}})
+
+
+def test_tp2_profile_has_the_tp1_points_and_fits():
+    entry = profile_tp(_config(), 2, quick=True, timeout_s=240, log=lambda line: None)
+    assert {p["length"] for p in entry["prefill"]} >= {16, 64, 256}
+    assert {p["batch"] for p in entry["decode"]} >= {1, 4}
+    assert all(p["time_s"] > 0 for p in entry["prefill"] + entry["decode"])
+    model = fit_step_model(2, entry["prefill"], entry["decode"])
+    assert model.prefill.source == "profile" and model.decode.coef[0] >= 0
+
+
+def test_tp_sizes_are_checked_against_the_model():
+    cfg = _config()
+    assert tp_sizes_to_profile(cfg, "2,4") == (1, 2, 4)
+    with pytest.raises(Exception, match="--tp-sizes"):
+        tp_sizes_to_profile(cfg, "3")
+    with pytest.raises(ValueError, match="--tp-sizes"):
+        tp_sizes_to_profile(cfg, "two")
