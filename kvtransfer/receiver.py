@@ -32,14 +32,23 @@ class KVReceiver:
         self._server = socket.create_server((host, 0))
         self.address = (advertise_host, self._server.getsockname()[1])
         self._closed = False
+        self._conns: list[tuple[socket.socket, threading.Thread]] = []
         threading.Thread(target=self._accept_loop, name="kv-accept", daemon=True).start()
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop accepting, end every connection and wait for its thread (so none is left
+        mid-frame when the process exits)."""
         self._closed = True
         try:
             self._server.close()
         except OSError:
             pass
+        for conn, thread in list(self._conns):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            thread.join(timeout_s)
 
     def _accept_loop(self) -> None:
         while not self._closed:
@@ -49,7 +58,9 @@ class KVReceiver:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-            threading.Thread(target=self._serve, args=(conn,), name="kv-recv", daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(conn,), name="kv-recv", daemon=True)
+            self._conns.append((conn, thread))
+            thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
         write_lock = threading.Lock()
@@ -136,3 +147,4 @@ class KVReceiver:
                 conn.close()
             except OSError:
                 pass
+            self._conns = [(c, t) for c, t in self._conns if c is not conn]

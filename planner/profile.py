@@ -133,6 +133,26 @@ class EngineProfiler:
         return layers, ids
 
 
+def channel_link(model: ModelConfig, dtype: torch.dtype, device: str, max_tokens: int,
+                 copy_bytes_per_s: float | None) -> dict[str, float]:
+    """The KV channel as the transfer model sees it: bytes/s on the wire plus a fixed cost per
+    layer message, from the real channel (kvtransfer.channel_probe) at two request sizes. The
+    sender's device-to-host copy is in the probe's time, and the model counts it separately,
+    so it is taken out of the wire rate."""
+    from kvtransfer.channel_probe import measure_channel
+    small, large = 256, max(512, min(2048, max_tokens))
+    rates = [measure_channel(model.num_layers, model.num_kv_heads, model.head_dim, n, dtype, device)
+             for n in (small, large)]
+    layer_bytes = [r.bytes_per_s * r.per_request_s / model.num_layers for r in rates]
+    layer_s = [r.per_request_s / model.num_layers for r in rates]
+    per_byte = max((layer_s[1] - layer_s[0]) / (layer_bytes[1] - layer_bytes[0]), 1e-12)
+    if copy_bytes_per_s:
+        per_byte = max(per_byte - 1.0 / copy_bytes_per_s, per_byte / 2)
+    fixed = max(0.0, layer_s[0] - layer_bytes[0] * per_byte)
+    return {"bytes_per_s": 1.0 / per_byte, "per_layer_s": fixed,
+            "probe": [{"num_tokens": r.num_tokens, "bytes_per_s": r.bytes_per_s} for r in rates]}
+
+
 def loopback_tcp_bytes_per_s(total: int = 256 << 20, chunk: int = 4 << 20) -> float:
     """Throughput of one TCP connection over loopback, like one KV channel."""
     server = socket.socket()
@@ -233,7 +253,12 @@ def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] 
                      "TP>1 step times from TP 1")
     log("KV link and codec")
     layers, _ = prof.sample_kv(min(512, prof.max_batch_tokens))
-    tcp = loopback_tcp_bytes_per_s()
+    copy_rate = device_to_host_bytes_per_s()
+    socket_rate = loopback_tcp_bytes_per_s()
+    link = channel_link(prof.model, parse_dtype(config.model.dtype), config.device, prof.max_len - 2, copy_rate)
+    link["socket_bytes_per_s"] = socket_rate
+    log(f"  KV channel: {link['bytes_per_s'] / 1e9:.2f} GB/s + {link['per_layer_s'] * 1e6:.0f} us per layer "
+        f"(bare loopback socket {socket_rate / 1e9:.2f} GB/s)")
     codec = codec_rates(layers, levels)
     name = torch.cuda.get_device_name() if config.device == "cuda" else "cpu"
     colocation = None
@@ -258,8 +283,8 @@ def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] 
         "device": config.device, "device_name": name, "num_threads": threads if config.device == "cpu" else None,
         "block_size": config.engine.block_size,
         "tp": per_tp,
-        "links": {"tcp": {"bytes_per_s": tcp, "per_layer_s": 0.0}},
-        "copy_bytes_per_s": device_to_host_bytes_per_s(),
+        "links": {"tcp": link},
+        "copy_bytes_per_s": copy_rate,
         "codec": codec,
         "colocation": colocation,
         "serving_overhead": overhead,
