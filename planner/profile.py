@@ -61,6 +61,7 @@ class EngineProfiler:
         self.quick = quick
         self.log = log
         self.model = config.model.source.model_config()
+        self.vocab = min(1000, self.model.vocab_size - 1)   # synthetic prompts use token ids 1..vocab
         self.max_len = min(self.model.max_position_embeddings, config.engine.max_model_len or 4096)
         self.max_batch_tokens = max(config.prefill.max_batch_tokens, 256)
         self.max_batch = config.decode.max_batch_size
@@ -72,7 +73,7 @@ class EngineProfiler:
         self.repeats = 3 if quick or not cuda else 5
 
     def _add(self, n: int, length: int, max_tokens: int) -> list[Any]:
-        return [self.engine.add_request([1 + (i * 7 + j) % 1000 for j in range(length)],
+        return [self.engine.add_request([1 + (i * 7 + j) % self.vocab for j in range(length)],
                                         SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for i in range(n)]
 
     def _clear(self, reqs: list[Any]) -> None:
@@ -143,14 +144,19 @@ def channel_link(model: ModelConfig, dtype: torch.dtype, device: str, max_tokens
     small, large = 256, max(512, min(2048, max_tokens))
     rates = [measure_channel(model.num_layers, model.num_kv_heads, model.head_dim, n, dtype, device)
              for n in (small, large)]
-    layer_bytes = [r.bytes_per_s * r.per_request_s / model.num_layers for r in rates]
-    layer_s = [r.per_request_s / model.num_layers for r in rates]
-    per_byte = max((layer_s[1] - layer_s[0]) / (layer_bytes[1] - layer_bytes[0]), 1e-12)
+    points = [(r.bytes_per_s * r.per_request_s / model.num_layers, r.per_request_s / model.num_layers) for r in rates]
+    return {**fit_link(points, copy_bytes_per_s),
+            "probe": [{"num_tokens": r.num_tokens, "bytes_per_s": r.bytes_per_s} for r in rates]}
+
+
+def fit_link(points: list[tuple[float, float]], copy_bytes_per_s: float | None) -> dict[str, float]:
+    """(bytes, seconds) per layer message at two sizes -> wire bytes/s and fixed seconds per
+    layer, the copy's share of the slope taken out (the transfer model adds it back)."""
+    (b0, t0), (b1, t1) = points
+    per_byte = max((t1 - t0) / (b1 - b0), 1e-12)
     if copy_bytes_per_s:
         per_byte = max(per_byte - 1.0 / copy_bytes_per_s, per_byte / 2)
-    fixed = max(0.0, layer_s[0] - layer_bytes[0] * per_byte)
-    return {"bytes_per_s": 1.0 / per_byte, "per_layer_s": fixed,
-            "probe": [{"num_tokens": r.num_tokens, "bytes_per_s": r.bytes_per_s} for r in rates]}
+    return {"bytes_per_s": 1.0 / per_byte, "per_layer_s": max(0.0, t1 - b1 * per_byte)}
 
 
 def loopback_tcp_bytes_per_s(total: int = 256 << 20, chunk: int = 4 << 20) -> float:

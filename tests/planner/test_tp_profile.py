@@ -31,3 +31,18 @@ def test_tp_sizes_are_checked_against_the_model():
         tp_sizes_to_profile(cfg, "3")
     with pytest.raises(ValueError, match="--tp-sizes"):
         tp_sizes_to_profile(cfg, "two")
+
+
+def test_channel_link_is_fitted_from_two_probe_sizes():
+    import torch
+
+    from engine.presets import get_preset
+    from planner.profile import channel_link, fit_link
+    link = channel_link(get_preset("tiny-gqa"), torch.float32, "cpu", 1024, copy_bytes_per_s=None)
+    assert [p["num_tokens"] for p in link["probe"]] == [256, 1024]
+    assert link["bytes_per_s"] > 0 and link["per_layer_s"] >= 0
+    # 1 ms per message + 1 GB/s; a 10 GB/s copy inside the probe comes out of the wire rate
+    fit = fit_link([(1e6, 0.002), (9e6, 0.010)], None)
+    assert fit["bytes_per_s"] == pytest.approx(1e9) and fit["per_layer_s"] == pytest.approx(1e-3)
+    fit = fit_link([(1e6, 0.002), (9e6, 0.010)], 10e9)
+    assert fit["bytes_per_s"] == pytest.approx(1 / (1e-9 - 1e-10))
