@@ -8,10 +8,13 @@ which a profile of one instance cannot show.
     measured   the profiler starts K engine processes (as the cluster does: one process per
                instance, the deployment's threads each) and lets k = 1..K of them step at once
                over the same window; stretch(kind, k) = median step time with k busy / alone,
-               for prefill and for decode steps
+               for prefill and for decode steps, and (`kind_mixed`) for one instance's steps
+               while the k - 1 others run the other kind (a prefill's matmuls beside a
+               decode's weight streaming contend differently than two of a kind)
     simulated  SharedCores: a step's work is its modeled time alone (plus the serving loop's
                overhead); while k instances of one node are busy, each progresses at
-               1 / stretch(kind, k) (processor sharing), re-timed whenever one starts or ends.
+               1 / stretch(kind, k) (processor sharing; the mixed table when another busy
+               instance runs the other kind), re-timed whenever one starts or ends.
                Beyond the measured K, stretch grows in proportion to k. The CPU codec's
                encode (prefill side) and decode (decode side) of each transfer are jobs on the
                same cores (kind "codec", stretched like decode steps).
@@ -35,8 +38,10 @@ class CoreSharing:
     cores: int = 0
     threads_per_instance: int = 1
 
-    def factor(self, kind: str, num_busy: int) -> float:
-        table = self.stretch.get(kind) or self.stretch.get("decode") or (1.0,)
+    def factor(self, kind: str, num_busy: int, mixed: bool = False) -> float:
+        """`mixed`: the others busy run the other kind of step (a prefill beside a decode)."""
+        table = ((mixed and self.stretch.get(f"{kind}_mixed")) or self.stretch.get(kind)
+                 or self.stretch.get("decode") or (1.0,))
         if num_busy <= len(table):
             return max(1.0, table[max(0, num_busy - 1)])
         return max(1.0, table[-1] * num_busy / len(table))
@@ -95,10 +100,12 @@ class SharedCores:
     def _retime(self, node: int) -> None:
         now = self.clock.now
         runs = self.runs[node]
+        kinds = [r.kind for r in runs.values()]
         for r in runs.values():
             r.remaining = max(0.0, r.remaining - (now - r.since) * r.rate)
             r.since = now
-            r.rate = 1.0 / self.sharing.factor(r.kind, len(runs))
+            mixed = r.kind in KINDS and any(k != r.kind and k in KINDS for k in kinds)
+            r.rate = 1.0 / self.sharing.factor(r.kind, len(runs), mixed)
             r.version += 1
             self.clock.at(now + r.remaining / r.rate, lambda r=r, v=r.version: self._end(node, r, v))
 
@@ -121,7 +128,7 @@ def _child(conn: Any, config: Any, threads: int, decode_shape: tuple[int, int], 
     prof = EngineProfiler(config, quick=True, log=lambda s: None)
     eng = prof.engine
     batch, ctx = decode_shape
-    decoding = [eng.add_request([1 + (i * 7 + j) % 1000 for j in range(ctx)],
+    decoding = [eng.add_request([1 + (i * 7 + j) % prof.vocab for j in range(ctx)],
                                 SamplingParams(max_tokens=100000, ignore_eos=True)) for i in range(batch)]
     while any(r.in_prefill for r in decoding):
         eng.step()
@@ -141,7 +148,7 @@ def _child(conn: Any, config: Any, threads: int, decode_shape: tuple[int, int], 
                 eng.step()
             else:
                 # a prompt alone while the decode batch waits: abort it after its step
-                reqs = [eng.add_request([1 + j % 1000 for j in range(prefill_len)],
+                reqs = [eng.add_request([1 + j % prof.vocab for j in range(prefill_len)],
                                         SamplingParams(max_tokens=2, ignore_eos=True))]
                 for r in decoding:
                     eng.scheduler.running.remove(r)
@@ -150,6 +157,19 @@ def _child(conn: Any, config: Any, threads: int, decode_shape: tuple[int, int], 
                 eng.scheduler.running.extend(decoding)
             times.append(time.perf_counter() - t)
         conn.send(times)
+
+
+def _window(pipes: list[Any], kinds: list[str], duration_s: float, only_first: bool = False) -> float:
+    """Each process steps its kind over the same window; median step time (of the first only)."""
+    start = time.time() + 0.3
+    for pipe, kind in zip(pipes, kinds):
+        pipe.send((kind, start, duration_s))
+    steps: list[float] = []
+    for i, pipe in enumerate(pipes):
+        times = pipe.recv()
+        if i == 0 or not only_first:
+            steps.extend(times[1:-1] or times)   # the last one may outlast the others
+    return statistics.median(steps)
 
 
 def measure_sharing(config: Any, max_instances: int, threads: int, duration_s: float = 5.0,
@@ -171,20 +191,20 @@ def measure_sharing(config: Any, max_instances: int, threads: int, duration_s: f
             if not pipe.poll(600) or pipe.recv() != "ready":
                 raise RuntimeError("a co-location profile process did not start")
         stretch: dict[str, list[float]] = {}
+        alone: dict[str, float] = {}
         for kind in KINDS:
-            alone = None
             for k in range(1, max_instances + 1):
-                start = time.time() + 0.3
-                for pipe in pipes[:k]:
-                    pipe.send((kind, start, duration_s))
-                steps = []
-                for pipe in pipes[:k]:
-                    times = pipe.recv()
-                    steps.extend(times[1:-1] or times)   # the last one may outlast the others
-                t = statistics.median(steps)
-                alone = alone or t
-                stretch.setdefault(kind, []).append(t / alone)
-                log(f"  {kind} steps with {k} instance(s) busy: {t * 1e3:.1f} ms (x{t / alone:.2f})")
+                t = _window(pipes[:k], [kind] * k, duration_s)
+                alone.setdefault(kind, t)
+                stretch.setdefault(kind, []).append(t / alone[kind])
+                log(f"  {kind} steps with {k} instance(s) busy: {t * 1e3:.1f} ms (x{t / alone[kind]:.2f})")
+        # one instance's steps while the others run the other kind (prefill beside decode)
+        for kind, other in (KINDS, KINDS[::-1]):
+            stretch[f"{kind}_mixed"] = [1.0]
+            for k in range(2, max_instances + 1):
+                t = _window(pipes[:k], [kind] + [other] * (k - 1), duration_s, only_first=True)
+                stretch[f"{kind}_mixed"].append(t / alone[kind])
+                log(f"  {kind} steps beside {k - 1} busy with {other}: {t * 1e3:.1f} ms (x{t / alone[kind]:.2f})")
         return CoreSharing({k: tuple(v) for k, v in stretch.items()}, os.cpu_count() or 1, threads)
     finally:
         for pipe in pipes:

@@ -77,6 +77,7 @@ def _submit(cluster: Any, base: int, n: int, prompt_len: int, output_len: int) -
     request (the step map is shared: every request's tokens of one step carry its time)."""
     steps: dict[float, int] = {}
     first: set[str] = set()
+    vocab = min(1000, cluster.config.model.source.model_config().vocab_size - 1)
 
     def on_event(e: dict[str, Any]) -> None:
         if e.get("kind") != "token":
@@ -85,7 +86,7 @@ def _submit(cluster: Any, base: int, n: int, prompt_len: int, output_len: int) -
             first.add(e["id"])
             return
         steps[e["t"]] = steps.get(e["t"], 0) + 1
-    ids = [cluster.submit([1 + ((base + i) * 31 + j * 7) % 1000 for j in range(prompt_len)],
+    ids = [cluster.submit([1 + ((base + i) * 31 + j * 7) % vocab for j in range(prompt_len)],
                           SamplingParams(max_tokens=output_len, ignore_eos=True), on_event=on_event) for i in range(n)]
     cluster.wait(ids, timeout_s=300)
     return [(rid, steps) for rid in ids]

@@ -12,6 +12,9 @@ SHARING = CoreSharing({"decode": (1.0, 1.1, 1.5), "prefill": (1.0, 1.0, 1.6)}, c
 
 def test_stretch_table_and_beyond_what_was_measured():
     assert SHARING.factor("decode", 1) == 1.0
+    mixed = CoreSharing({"decode": (1.0, 1.1), "decode_mixed": (1.0, 1.7)})
+    assert mixed.factor("decode", 2, mixed=True) == 1.7      # a prefill beside it
+    assert mixed.factor("prefill", 2, mixed=True) == 1.1     # no table of its own: decode's
     assert SHARING.factor("prefill", 3) == 1.6
     assert SHARING.factor("decode", 6) == pytest.approx(3.0)   # grows in proportion past k = 3
     assert CoreSharing.from_json(SHARING.to_json()) == SHARING
