@@ -146,7 +146,9 @@ class DecodeGraphs:
             step()
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the worker's other threads (KV receivers pinning host memory, decoding
+        # on their own streams) keep working while this thread captures; "global" would fail them
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits, argmax = step()
         self._pool = graph.pool()
         self._graphs[(b, w)] = (graph, logits, argmax)

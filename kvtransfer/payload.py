@@ -67,7 +67,10 @@ class LayerUnpacker:
         GPU, so that admission copies it at full PCIe speed (and no fresh pages fault in);
         None means a plain bytearray."""
         if self.decoder is None and self.pinned:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            try:
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError:   # pinning refused (e.g. host memory exhausted): pageable still works
+                return None
         return None
 
     def unpack(self, body: bytearray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

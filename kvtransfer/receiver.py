@@ -138,7 +138,7 @@ class KVReceiver:
                     unpackers.pop(rid, None)
                     controlled.discard(rid)
                     self.staging.pop(rid)
-        except (OSError, ChannelError, ValueError):
+        except (OSError, ChannelError, ValueError, RuntimeError):   # RuntimeError: a CUDA call failed here
             pass  # the sender sees the broken connection and fails its requests
         finally:
             for rid in list(controlled):

@@ -116,3 +116,26 @@ def test_bf16_graph_decode_runs_and_frees_blocks():
     engine, tokens, _ = run("auto", graphs=True, dtype=torch.bfloat16)
     assert all(len(t) == 12 for t in tokens)
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_graph_capture_leaves_other_threads_free_to_pin_memory():
+    """A decode worker captures graphs lazily while its KV receiver threads land raw bodies in
+    pinned memory; a capture must not make those allocations fail (they did in global mode)."""
+    import threading
+
+    from kvtransfer.payload import LayerUnpacker, layout_of
+    unpacker = LayerUnpacker(layout_of(1, 1, 128, torch.bfloat16), "raw", 64, b"", device="cuda")
+    landed, stop = [], threading.Event()
+
+    def receiver() -> None:
+        while not stop.is_set():
+            landed.append(unpacker.landing_buffer(1 << 20))
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    try:
+        engine, tokens, _ = run("triton", graphs=True, dtype=torch.bfloat16)
+    finally:
+        stop.set()
+        thread.join()
+    assert engine.runner.graphs.captured and all(len(t) == 12 for t in tokens)
+    assert landed and all(b is not None and b.is_pinned() for b in landed)

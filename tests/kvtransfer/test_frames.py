@@ -43,3 +43,14 @@ def test_raw_layer_round_trip_through_a_landing_buffer(dtype):
     assert torch.equal(k2, k) and torch.equal(v2, v)
     with pytest.raises(ValueError, match="expected"):
         unpacker.unpack(target[:-2])
+
+
+def test_a_refused_pinned_landing_falls_back_to_pageable_memory(monkeypatch):
+    layout = layout_of(1, 2, 4, torch.float32)
+    unpacker = LayerUnpacker(layout, "raw", 3, b"")
+    unpacker.pinned = True     # as on a GPU decode rank
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch, "empty", refuse)
+    assert unpacker.landing_buffer(96) is None
