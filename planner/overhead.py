@@ -12,6 +12,9 @@ instance's work is in the numbers:
     decode overhead   median gap between consecutive decode steps - modeled decode step, at
                       batch 1 (one request at a time) and at larger batches (B requests sent
                       together, steps where all B decode), fitted as const + per_seq * batch
+    admission         a batch of 8 decodes while short requests join one at a time: the steps
+                      that admit one exceed the model by more than the plain steps; the
+                      difference is charged to the decode step that admits each request
 
 They are added to every modeled step of that pool (as work: they share cores like the step).
 """
@@ -53,6 +56,8 @@ def measure_overhead(config: ClusterConfig, model: StepModel, num_requests: int 
             # long enough that the first prefill batch is still decoding when the last joins
             ids = _submit(cluster, 1000 * b, b, prompt_len // 2, 3 * output_len)
             points.extend(_gaps(ids[0][1], b, prompt_len // 2, model))
+        # 3. requests joining a running decode batch one at a time: what an admission costs
+        admission, adm_steps = _admission_cost(cluster, model, prompt_len, log)
     finally:
         cluster.shutdown()
     ttft = statistics.median(ttfts)
@@ -65,11 +70,62 @@ def measure_overhead(config: ClusterConfig, model: StepModel, num_requests: int 
     const, per_seq = _fit_overhead([(b, g - m) for b, (g, m) in per_batch.items()])
     out = {"prefill_s": max(0.0, ttft - model_prefill), "decode_s": const, "decode_per_seq_s": per_seq,
            "served_ttft_s": ttft, "model_prefill_s": model_prefill,
+           "decode_admission_s": admission, "admission_steps": adm_steps,
            "decode_steps": {str(b): {"served_s": g, "model_s": m} for b, (g, m) in per_batch.items()},
            "num_requests": len(ttfts), "prompt_len": prompt_len, "output_len": output_len}
     log(f"  served TTFT {ttft * 1e3:.0f} ms vs modeled prefill {model_prefill * 1e3:.0f} ms; decode overhead "
-        f"{const * 1e3:.1f} ms + {per_seq * 1e3:.2f} ms/seq")
+        f"{const * 1e3:.1f} ms + {per_seq * 1e3:.2f} ms/seq; {admission * 1e3:.1f} ms per admission")
     return out
+
+
+def _admission_cost(cluster: Any, model: StepModel, prompt_len: int, log: Callable[[str], None],
+                    batch: int = 8, joiners: int = 8) -> tuple[float, dict[str, float]]:
+    """A decode batch runs; short requests join it one at a time. A step that admits one (its
+    kv_received falls inside the step) exceeds the model by more than the plain steps do: that
+    difference is the loop's time per admission (landing staged KV in the cache, its events)."""
+    vocab = min(1000, cluster.config.model.source.model_config().vocab_size - 1)
+    steps: dict[float, int] = {}
+    admits: list[float] = []
+
+    def on_event(e: dict[str, Any]) -> None:
+        if not str(e.get("instance", "")).startswith("decode"):
+            return
+        if e.get("kind") == "token":
+            steps[e["t"]] = steps.get(e["t"], 0) + 1
+        elif e.get("kind") == "kv_received":
+            admits.append(e["t"])
+
+    def prompt(k: int) -> list[int]:
+        return [1 + (k * 13 + j * 7) % vocab for j in range(prompt_len)]
+    running = [cluster.submit(prompt(5000 + i), SamplingParams(max_tokens=400, ignore_eos=True), on_event=on_event)
+               for i in range(batch)]
+    deadline = time.monotonic() + 30
+    while sum(1 for n in steps.values() if n == batch) < 4 and time.monotonic() < deadline:
+        cluster.frontend.poll(0.05)
+    for k in range(joiners):
+        rid = cluster.submit(prompt(6000 + k), SamplingParams(max_tokens=3, ignore_eos=True), on_event=on_event)
+        cluster.wait([rid], timeout_s=20)
+        pause = time.monotonic() + 0.5
+        while time.monotonic() < pause:
+            cluster.frontend.poll(0.05)
+    for rid in running:
+        cluster.frontend.abort(rid)
+    ts = sorted(steps)
+    plain, admitting = [], []
+    for a, b in zip(ts, ts[1:]):
+        extra = (b - a) - model.decode_time(steps[b], steps[b] * prompt_len * 1.5)
+        inside = sum(1 for t in admits if a < t <= b)
+        if inside == 1:
+            admitting.append(extra)
+        elif inside == 0 and steps[b] == batch and steps[a] == batch:
+            plain.append(extra)
+    if not plain or not admitting:
+        return 0.0, {}
+    cost = max(0.0, statistics.median(admitting) - statistics.median(plain))
+    log(f"  decode steps that admit a request: {len(admitting)}, {statistics.median(admitting) * 1e3:+.0f} ms over "
+        f"the model; plain steps {statistics.median(plain) * 1e3:+.0f} ms")
+    return cost, {"admitting_excess_s": statistics.median(admitting), "plain_excess_s": statistics.median(plain),
+                  "num_admitting": len(admitting), "num_plain": len(plain)}
 
 
 def _submit(cluster: Any, base: int, n: int, prompt_len: int, output_len: int) -> list[tuple[str, dict[float, int]]]:

@@ -104,6 +104,7 @@ def build_perf(config: ClusterConfig, model: ModelConfig, profile: dict[str, Any
     serving = profile.get("serving_overhead")
     if serving:
         perf.overhead_s = {"prefill": float(serving["prefill_s"]), "decode": float(serving["decode_s"]),
-                           "decode_per_seq": float(serving.get("decode_per_seq_s", 0.0))}
+                           "decode_per_seq": float(serving.get("decode_per_seq_s", 0.0)),
+                           "decode_admission": float(serving.get("decode_admission_s", 0.0))}
     perf.notes.extend(profile.get("notes", []))
     return perf

@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--colocate", type=int, default=None,
                    help="CPU: measure steps with up to this many instances sharing the cores "
                         "(default: the config's instances, at least one more than the cores hold)")
+    p.add_argument("--serving-only", action="store_true",
+                   help="re-measure only the serving overhead, into the existing --out profile")
     p.add_argument("--no-serving", action="store_true",
                    help="skip the serving-overhead measurement on a running cluster")
     p.add_argument("--tp-sizes", default="1",
@@ -62,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"splitserve profile: {exc}", file=sys.stderr)
         return 2
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    if args.serving_only:
+        return _serving_only(config, Path(args.out), log)
     prof = profile(config, args.quick, tuple(args.codecs.split(",")), log, args.colocate, not args.no_serving,
                    tp_sizes)
     for tp, entry in prof["tp"].items():
@@ -85,4 +89,17 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(prof, indent=1) + "\n")
     print(f"  wrote {args.out} in {prof['profile_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _serving_only(config: Any, out: Path, log: Any) -> int:
+    """The serving overhead on the running cluster, against the step model already in `out`."""
+    from planner.overhead import measure_overhead
+    prof = json.loads(out.read_text())
+    entry = prof["tp"]["1"]
+    prof["serving_overhead"] = measure_overhead(config, fit_step_model(1, entry["prefill"], entry["decode"]), log=log)
+    out.write_text(json.dumps(prof, indent=1) + "\n")
+    o = prof["serving_overhead"]
+    print(f"serving overhead: prefill {o['prefill_s'] * 1e3:.1f} ms, decode {o['decode_s'] * 1e3:.1f} ms "
+          f"+ {o['decode_per_seq_s'] * 1e3:.2f} ms/seq per step, {o['decode_admission_s'] * 1e3:.1f} ms per admission")
     return 0

@@ -385,12 +385,18 @@ def _quality(plan: Plan) -> int:
 
 def _pick_finalists(analytic: list[Plan], k: int) -> list[Plan]:
     """The top k by analytic per-GPU goodput, plus the best plan at each better codec level
-    within 10% of the top (so the quality tie-break has something to choose from)."""
+    within 10% of the top (so the quality tie-break has something to choose from), plus the
+    best plan at the best level present."""
     out = list(analytic[:k])
     top = analytic[0].per_gpu
     for p in analytic:
         if p.per_gpu >= 0.9 * top and _quality(p) < min(_quality(q) for q in out) and p not in out:
             out.append(p)
+    # and the best plan at the best quality level: the per-phase estimates leave out costs only
+    # the whole plan shows (a CPU codec's work on the prefill side's cores)
+    best_q = min(analytic, key=lambda p: (_quality(p), -p.per_gpu))
+    if best_q not in out:
+        out.append(best_q)
     return out
 
 

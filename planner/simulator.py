@@ -49,7 +49,8 @@ class SimSetup:
     blocks: dict[str, int]                       # KV blocks per instance, by pool
     transfer: TransferModel | None = None
     link: Callable[[int, int], LinkModel] | None = None   # (prefill index, decode index) -> link
-    # the serving runtime's own seconds per step, by pool ("decode") and per sequence ("decode_per_seq")
+    # the serving runtime's own seconds per step, by pool ("decode"), per sequence ("decode_per_seq")
+    # and per request admitted since the last step ("decode_admission")
     overhead_s: dict[str, float] = field(default_factory=dict)
     sharing: CoreSharing | None = None           # CPU: steps slow down while instances share a node's cores
     node_of: dict[str, int] = field(default_factory=dict)        # instance -> node, for `sharing`
@@ -101,6 +102,7 @@ class SimInstance:
         # decode: landed transfers waiting for blocks, FIFO (the runtime's staged admission queue)
         self.waiting_admissions: deque[tuple[SimChannel, _Transfer]] = deque()
         self.targets: dict[str, int] = {}                    # prefill: request -> decode index
+        self.num_admitted = 0                                # decode: KV landed since the last step
         self.index = int(name.rsplit("-", 1)[1])
 
     # ---- the control surface the front end calls (cluster.instance.Instance's) ------------------
@@ -137,7 +139,9 @@ class SimInstance:
         self.busy = True
         over = self.sim.setup.overhead_s
         work = (self.step_model.step_time(batch) + over.get(self.pool, 0.0)
-                + over.get(f"{self.pool}_per_seq", 0.0) * len(batch.seqs))
+                + over.get(f"{self.pool}_per_seq", 0.0) * len(batch.seqs)
+                + over.get(f"{self.pool}_admission", 0.0) * self.num_admitted)
+        self.num_admitted = 0
         kind = "prefill" if batch.prefills else "decode"
         dt = self.sim.cores.run(self.name, kind, work, lambda: self._end_step(batch))
         if self.role == "prefill":
@@ -196,6 +200,7 @@ class SimInstance:
         req.num_computed_tokens = req.num_prompt_tokens
         req.block_table = blocks
         req.record(LifecycleEvent.KV_RECEIVED, now)
+        self.num_admitted += 1
         self.scheduler.admit_running(req)
         self.sim.emit({"id": req.request_id, "kind": "kv_received", "t": now, "instance": self.name})
         self.sim.dirty.add(self.name)

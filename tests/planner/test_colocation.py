@@ -67,3 +67,13 @@ def test_a_cpu_codec_takes_cores_from_the_instances(small_config, small_perf, wo
     apart = tpot_p50(replace(small_perf, transfer=slow_codec, sharing=None))
     shared = tpot_p50(replace(small_perf, transfer=slow_codec, sharing=CoreSharing({"decode": (1.0, 2.0, 3.0)})))
     assert shared > apart * 1.1
+
+
+def test_admissions_cost_the_decode_step_that_takes_them(small_config, small_perf, workload):
+    prompts, outputs, arrivals = workload.trace(100, 3.0)
+
+    def tpot_p50(perf):
+        recs = Simulator(small_config, sim_setup(small_config, perf, Budget(2, 2))).run(prompts, outputs, arrivals)
+        tp = sorted(r.tpot_s for r in recs if r.ok)
+        return tp[len(tp) // 2]
+    assert tpot_p50(replace(small_perf, overhead_s={"decode_admission": 0.05})) > tpot_p50(small_perf) + 0.002
