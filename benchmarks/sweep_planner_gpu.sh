@@ -31,7 +31,7 @@ YAML
 sed "s/codec: raw, timeout_s: 60/codec: raw, link_gbps: $LINK, timeout_s: 60/" $W/base.yaml > $W/base_slow.yaml
 COMMON="--workload $TRACE --max-output-tokens $MAXO --max-prompt-tokens $MAXP --gpus-per-node $GPUS"
 echo "== profile ($(left) s left)"
-timeout 240 splitserve profile $W/base.yaml --quick --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt
+timeout 300 splitserve profile $W/base.yaml --quick --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt
 echo "== plans, fast link and emulated $LINK Gb/s link, side by side on the CPU ($(left) s left)"
 timeout 120 splitserve plan $W/base.yaml --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json \
   --workload $TRACE --num-requests 400 --max-prompt-tokens $MAXP --max-output-tokens $MAXO \

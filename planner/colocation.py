@@ -128,11 +128,20 @@ def _child(conn: Any, config: Any, threads: int, decode_shape: tuple[int, int], 
     prof = EngineProfiler(config, quick=True, log=lambda s: None)
     eng = prof.engine
     batch, ctx = decode_shape
-    decoding = [eng.add_request([1 + (i * 7 + j) % prof.vocab for j in range(ctx)],
-                                SamplingParams(max_tokens=100000, ignore_eos=True)) for i in range(batch)]
-    while any(r.in_prefill for r in decoding):
+    ctx = min(ctx, prof.max_len // 4)
+
+    def fresh_batch() -> list[Any]:
+        """A decode batch at context `ctx` (untimed); renewed before it reaches the model's length."""
+        for r in list(eng.scheduler.running) + list(eng.scheduler.waiting):
+            eng.abort(r.request_id)
+        reqs = [eng.add_request([1 + (i * 7 + j) % prof.vocab for j in range(ctx)],
+                                SamplingParams(max_tokens=prof.max_len - ctx - 4, ignore_eos=True))
+                for i in range(batch)]
+        while any(r.in_prefill for r in reqs):
+            eng.step()
         eng.step()
-    eng.step()
+        return reqs
+    decoding = fresh_batch()
     conn.send("ready")
     while True:
         cmd = conn.recv()
@@ -143,6 +152,8 @@ def _child(conn: Any, config: Any, threads: int, decode_shape: tuple[int, int], 
         while time.time() < start:
             time.sleep(0.001)
         while time.time() < start + duration:
+            if decoding[0].num_tokens >= 2 * ctx:
+                decoding = fresh_batch()
             t = time.perf_counter()
             if kind == "decode":
                 eng.step()
