@@ -6,7 +6,9 @@
 # Usage (device tool): bash benchmarks/sweep_planner_gpu.sh   [OUT, GPUS, LIMIT_S from the env]
 # SMOKE=1: the same steps on this machine's CPU with the tiny-gqa preset (checks the script, not speed).
 # The profile includes the serving overhead (a 1P1D cluster, one request at a time); the sweeps
-# warm the cluster up before their first point.
+# warm the cluster up before their first point. PROFILE_FLAGS=--no-serving skips that phase (it
+# did not finish in 240 s on 2x H200: starting the GPU cluster is slow); SLOW_RUNS= skips the
+# slow-link runs (default: plan_slow plan_slow_alt).
 set -u
 OUT=${OUT:-runs/planner_gpu}; GPUS=${GPUS:-2}; LIMIT_S=${LIMIT_S:-540}; SMOKE=${SMOKE:-0}
 W=$OUT/planner; mkdir -p $W
@@ -31,7 +33,7 @@ YAML
 sed "s/codec: raw, timeout_s: 60/codec: raw, link_gbps: $LINK, timeout_s: 60/" $W/base.yaml > $W/base_slow.yaml
 COMMON="--workload $TRACE --max-output-tokens $MAXO --max-prompt-tokens $MAXP --gpus-per-node $GPUS"
 echo "== profile ($(left) s left)"
-timeout 300 splitserve profile $W/base.yaml --quick --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt
+timeout 300 splitserve profile $W/base.yaml --quick ${PROFILE_FLAGS:-} --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt
 echo "== plans, fast link and emulated $LINK Gb/s link, side by side on the CPU ($(left) s left)"
 timeout 120 splitserve plan $W/base.yaml --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json \
   --workload $TRACE --num-requests 400 --max-prompt-tokens $MAXP --max-output-tokens $MAXO \
@@ -74,7 +76,7 @@ for name in plan_fast plan_runnerup; do
   timeout $(( $(left) - 30 )) splitserve sweep $W/$name.yaml --rates $RATES --num-requests $NREQ $COMMON \
     --profile $W/profile.json --timeout 60 --out $W/sweep_$name 2>$W/sweep_$name.log | tee $W/sweep_$name.txt
 done
-for name in plan_slow plan_slow_alt; do
+for name in ${SLOW_RUNS-plan_slow plan_slow_alt}; do
   [ $(left) -lt 60 ] && { echo "skip $name: out of time"; continue; }
   echo "== slow link ($LINK Gb/s): $name at $SLOW_RATE ($(left) s left)"
   timeout $(( $(left) - 15 )) splitserve sweep $W/$name.yaml --rates $SLOW_RATE --num-requests $NREQ $COMMON \
