@@ -18,7 +18,6 @@ from typing import Any
 import msgpack
 
 MAGIC = b"SSKF"
-_WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _PREFIX = struct.Struct("<4sIQ")
 MAX_HEADER = 1 << 20
 MAX_BODY = 1 << 34
@@ -64,9 +63,7 @@ def _recv_exact(sock: socket.socket, n: int, buf: Any = None) -> Any:
     view = memoryview(_writable(buf)).cast("B")
     got = 0
     while got < n:
-        # MSG_WAITALL: one wait for the whole body, not one GIL round per socket-buffer's worth
-        # (a busy decode loop would make each round wait up to the interpreter's switch interval)
-        k = sock.recv_into(view[got:], n - got, _WAITALL)
+        k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ChannelError("peer closed the KV channel mid-frame" if got else "peer closed the KV channel")
         got += k
