@@ -8,7 +8,9 @@
 # The profile includes the serving overhead (a 1P1D cluster, one request at a time); the sweeps
 # warm the cluster up before their first point. PROFILE_FLAGS=--no-serving skips that phase (it
 # did not finish in 240 s on 2x H200: starting the GPU cluster is slow); SLOW_RUNS= skips the
-# slow-link runs (default: plan_slow plan_slow_alt).
+# slow-link runs (default: plan_slow plan_slow_alt). MODES: the modes the chosen plan's GPUs are
+# swept in (default disagg,colocated,chunked); FACTORS: the swept rates as multiples of the
+# predicted goodput; RUNNERUP=0 skips the runner-up plan's sweep.
 set -u
 OUT=${OUT:-runs/planner_gpu}; GPUS=${GPUS:-2}; LIMIT_S=${LIMIT_S:-540}; SMOKE=${SMOKE:-0}
 W=$OUT/planner; mkdir -p $W
@@ -19,7 +21,7 @@ if [ "$SMOKE" = 1 ]; then
   MAXP=256; MAXO=16; NREQ=30; LINK=0.05; echo "cpu (smoke)" > $W/cards.txt
 else
   MODEL="{name: llama-3-8b, weights: dummy, dtype: bfloat16}"; DEVICE=cuda; SLO="{ttft_s: 0.25, tpot_s: 0.05, attainment: 0.9}"
-  MAXP=1024; MAXO=128; NREQ=120; LINK=2.0
+  MAXP=1024; MAXO=128; NREQ=${NREQ:-120}; LINK=${LINK:-2.0}
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $W/cards.txt
 fi
 cat > $W/base.yaml <<YAML
@@ -44,7 +46,7 @@ timeout 120 splitserve plan $W/base_slow.yaml --gpus $GPUS --gpus-per-node $GPUS
 wait
 cat $W/plan_fast.txt $W/plan_slow.txt
 # the runner-up: the best simulated plan with a different codec (or the next one)
-python3 - $W <<'PY'
+python3 - $W ${FACTORS:-0.6,0.9,1.2} <<'PY'
 import json, sys, yaml
 w = sys.argv[1]
 side = json.load(open(f"{w}/plan_fast.json"))
@@ -59,7 +61,7 @@ else:
     cfg["kv_transfer"]["codec"], cfg["placement"] = other["codec"], other["placement"]
 yaml.safe_dump(cfg, open(f"{w}/plan_runnerup.yaml", "w"), sort_keys=False)
 g = best["goodput"]
-rates = [round(g * f, 2) for f in (0.6, 0.9, 1.2)]
+rates = [round(g * float(f), 2) for f in sys.argv[2].split(",")]
 open(f"{w}/rates.txt", "w").write(",".join(map(str, rates)))
 slow = json.load(open(f"{w}/plan_slow.json"))["best"]
 scfg = yaml.safe_load(open(f"{w}/plan_slow.yaml"))
@@ -70,10 +72,12 @@ print("chosen", best["describe"], "runner-up", other and other["describe"], "rat
       "slow-link choice", slow["describe"], "alt codec", alt["kv_transfer"]["codec"])
 PY
 RATES=$(cat $W/rates.txt); SLOW_RATE=$(cat $W/slow_rate.txt)
-for name in plan_fast plan_runnerup; do
+SWEEPS="plan_fast"; [ "${RUNNERUP:-1}" = 1 ] && SWEEPS="plan_fast plan_runnerup"
+for name in $SWEEPS; do
   [ $(left) -lt 90 ] && { echo "skip $name: out of time"; continue; }
-  echo "== sweep $name at $RATES ($(left) s left)"
-  timeout $(( $(left) - 30 )) splitserve sweep $W/$name.yaml --rates $RATES --num-requests $NREQ $COMMON \
+  modes=disagg; [ $name = plan_fast ] && modes=${MODES:-disagg,colocated,chunked}
+  echo "== sweep $name ($modes) at $RATES ($(left) s left)"
+  timeout $(( $(left) - 30 )) splitserve sweep $W/$name.yaml --rates $RATES --modes $modes --num-requests $NREQ $COMMON \
     --profile $W/profile.json --timeout 60 --out $W/sweep_$name 2>$W/sweep_$name.log | tee $W/sweep_$name.txt
 done
 for name in ${SLOW_RUNS-plan_slow plan_slow_alt}; do

@@ -142,7 +142,8 @@ class Instance:
         return {"events": events, "load": load}
 
     def stats(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, **self.loop.call(self.worker.stats).result(timeout=30)}
+        return {"name": self.name, "role": self.role, **self.loop.call(self.worker.stats).result(timeout=30),
+                "loop": self.loop.times()}
 
     def shutdown(self) -> None:
         self.loop.stop()

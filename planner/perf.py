@@ -95,7 +95,8 @@ def build_perf(config: ClusterConfig, model: ModelConfig, profile: dict[str, Any
         bits_per_element={k: v["bits_per_element"] for k, v in codec.items() if v.get("bits_per_element")},
         encode_bytes_per_s={k: v["encode_bytes_per_s"] for k, v in codec.items() if v.get("encode_bytes_per_s")},
         decode_bytes_per_s={k: v["decode_bytes_per_s"] for k, v in codec.items() if v.get("decode_bytes_per_s")},
-        copy_bytes_per_s=profile.get("copy_bytes_per_s"))
+        copy_bytes_per_s=profile.get("copy_bytes_per_s"),
+        codec_on_device=any(v.get("device") == "cuda" for v in codec.values()))
     tcp = profile.get("links", {}).get("tcp")
     if tcp:
         perf.tcp = LinkModel("tcp", float(tcp["bytes_per_s"]), float(tcp.get("per_layer_s", 0.0)))

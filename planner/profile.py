@@ -120,7 +120,7 @@ class EngineProfiler:
         return rows
 
     def sample_kv(self, num_tokens: int = 512) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], Any]:
-        """Real KV of one prompt (on CPU, as the channel sends it), per layer."""
+        """Real KV of one prompt, per layer, on the engine's device (where the channel codes it)."""
         from kernels.reference import gather_kv_blocks
         reqs = self._add(1, num_tokens, 2)
         self.engine.step()
@@ -129,7 +129,7 @@ class EngineProfiler:
         layers = []
         for i in range(self.model.num_layers):
             k, v = gather_kv_blocks(*cache.layer(i), ids, num_tokens)
-            layers.append((k.cpu(), v.cpu()))
+            layers.append((k.clone(), v.clone()))
         self._clear(reqs)
         return layers, ids
 
@@ -193,27 +193,38 @@ def loopback_tcp_bytes_per_s(total: int = 256 << 20, chunk: int = 4 << 20) -> fl
 
 def codec_rates(layers: list[tuple[torch.Tensor, torch.Tensor]], levels: tuple[str, ...], max_layers: int = 4) -> dict[str, dict[str, float]]:
     """Encode/decode speed (raw bytes per second) and all-in bits per element per level, with
-    the CPU codec the channel runs (LayerPacker / LayerUnpacker)."""
+    the channel's own LayerPacker / LayerUnpacker where the channel runs them: on the GPU when
+    the KV lives there (the sender codes on the device, the receiver decodes on its device),
+    else on the CPU. Each level codes one layer untimed first (kernel compilation)."""
     from kvtransfer.payload import LayerPacker, LayerUnpacker, layout_of
     k0 = layers[0][0]
     n, h, d = k0.shape
+    device = k0.device
     layout = layout_of(len(layers), h, d, k0.dtype)
     out = {}
     sample = layers[:max_layers]
     raw = sum(k.numel() * k.element_size() * 2 for k, _ in sample)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     for level in levels:
         packer = LayerPacker(layout, level, n)
+        unpacker = LayerUnpacker(layout, level, n, packer.stream_header(), device=device)
+        unpacker.unpack(bytearray(bytes(packer.pack(0, *sample[0]))))
+        sync()
         t = time.perf_counter()
         bodies = [bytes(packer.pack(i, k, v)) for i, (k, v) in enumerate(sample)]
         enc = time.perf_counter() - t
-        unpacker = LayerUnpacker(layout, level, n, packer.stream_header())
         t = time.perf_counter()
         for b in bodies:
             unpacker.unpack(bytearray(b))
+        sync()
         dec = time.perf_counter() - t
         wire = sum(len(b) for b in bodies)
         out[level] = {"encode_bytes_per_s": raw / enc, "decode_bytes_per_s": raw / dec,
-                      "bits_per_element": 8.0 * wire / (raw / k0.element_size()), "dtype_bits": 8 * k0.element_size()}
+                      "bits_per_element": 8.0 * wire / (raw / k0.element_size()), "dtype_bits": 8 * k0.element_size(),
+                      "device": device.type}
     return out
 
 

@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output-tokens", type=int, default=128)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--timeout", type=float, default=600.0, help="per point")
+    p.add_argument("--warmup", type=int, default=24, help="trace requests run unmeasured before the first point")
     p.add_argument("--in-process", action="store_true", help="instances in this process, without Ray")
     p.add_argument("--sim-only", action="store_true", help="only the simulator")
     p.add_argument("--out", default="runs/sweep")
@@ -107,8 +108,12 @@ def run(args: argparse.Namespace) -> int:
         if not args.sim_only:
             from cluster.cluster import Cluster
             cluster = Cluster.in_process(config) if args.in_process else Cluster.start(config)
-            # warm-up, not measured: first-step compilation, graph capture, channel connects
-            _measure(cluster, prompts[:8], [min(o, 8) for o in outs[:8]], [0.05 * i for i in range(8)], args.timeout)
+            # warm-up, not measured: kernel compilation for the trace's shapes, graph capture,
+            # channel connects (8 short requests left the first GPU point 20 points low)
+            n = min(args.warmup, len(prompts))
+            if n:
+                _measure(cluster, prompts[:n], [min(o, 16) for o in outs[:n]],
+                         gamma_arrivals(n, rates[0], args.seed + 1), args.timeout)
         try:
             for rate in rates:
                 arrivals = gamma_arrivals(len(items), rate, args.seed)
@@ -119,9 +124,11 @@ def run(args: argparse.Namespace) -> int:
                 real_records: list[RequestRecord] | None = None
                 duration = None
                 if cluster is not None:
+                    before = _loop_snapshot(cluster)
                     real_records, duration = _measure(cluster, prompts, outs, arrivals, args.timeout)
                     write_run(point, real_records, summarize(real_records, config.slo.ttft_s, config.slo.tpot_s,
                                                              rate, duration))
+                    (point / "loops.json").write_text(json.dumps(_loop_use(before, _loop_snapshot(cluster)), indent=1))
                     bar.step(f"{mode} @ {rate:g} req/s measured")
                 for scale in scales:
                     ttft, tpot = config.slo.ttft_s * scale, config.slo.tpot_s * scale
@@ -158,6 +165,29 @@ def _measure(cluster: Any, prompts: list[list[int]], outs: list[int], arrivals: 
         if not t.done:
             cluster.frontend.abort(rid)
     return cluster.frontend.records(), duration
+
+
+def _loop_snapshot(cluster: Any) -> dict[str, Any]:
+    import psutil
+    return {"t": time.perf_counter(), "driver_cpu_s": time.process_time(), "host": psutil.cpu_times()._asdict(),
+            "instances": {n: st.get("loop", {}) for n, st in cluster.instance_stats().items()}}
+
+
+def _loop_use(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Where the point's time went: per instance, steps and their wall / thread-CPU seconds and
+    the process's CPU seconds; the driver's CPU; the host's busy cores (all processes)."""
+    wall = b["t"] - a["t"]
+    host = {k: b["host"][k] - a["host"][k] for k in b["host"]}
+    busy = sum(v for k, v in host.items() if k not in ("idle", "iowait"))
+    out: dict[str, Any] = {"wall_s": wall, "driver_cpu_s": b["driver_cpu_s"] - a["driver_cpu_s"],
+                           "host_busy_cores": busy / wall if wall > 0 else None, "instances": {}}
+    for name, t in b["instances"].items():
+        t0 = a["instances"].get(name, {})
+        d = {k: v - t0.get(k, 0.0) for k, v in t.items()}
+        if d.get("steps"):
+            d["mean_step_s"] = d["step_s"] / d["steps"]
+        out["instances"][name] = d
+    return out
 
 
 def goodput(rows: list[dict[str, Any]], target: float) -> float | None:

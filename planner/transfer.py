@@ -37,6 +37,7 @@ class TransferModel:
     encode_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
     decode_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
     copy_bytes_per_s: float | None = None        # gather/scatter of raw KV (D2H+H2D on GPU)
+    codec_on_device: bool = False                # GPU codec: only coded bytes cross PCIe
 
     def wire_bytes(self, num_tokens: int, level: str) -> float:
         bits = self.bits_per_element.get(level, get_level(level).expected_bits)
@@ -55,11 +56,13 @@ class TransferModel:
     def layer_times(self, num_tokens: int, level: str, link: LinkModel) -> tuple[float, float]:
         """(sender seconds, receiver seconds) for one layer of one request."""
         raw = num_tokens * self.kv_bytes_per_token / self.num_layers
-        send = self.wire_bytes(num_tokens, level) / self.num_layers / link.bytes_per_s + link.per_layer_s
+        wire = self.wire_bytes(num_tokens, level) / self.num_layers
+        send = wire / link.bytes_per_s + link.per_layer_s
         recv = 0.0
         if self.copy_bytes_per_s:
-            send += raw / self.copy_bytes_per_s
-            recv += raw / self.copy_bytes_per_s
+            copied = wire if self.codec_on_device and level != "raw" else raw
+            send += copied / self.copy_bytes_per_s
+            recv += copied / self.copy_bytes_per_s
         enc, dec = self.codec_times(num_tokens, level)
         return send + enc, recv + dec
 

@@ -31,3 +31,8 @@ def test_sweep_measures_and_simulates_each_rate(tmp_path):
     for rate in ("4", "8"):
         summary = out / f"disagg_rate{rate}" / "summary.json"
         assert summary.exists(), sorted(p.name for p in out.iterdir())
+    import json
+    loops = json.loads((out / "disagg_rate4" / "loops.json").read_text())
+    assert set(loops["instances"]) == {"prefill-0", "decode-0"}
+    decode = loops["instances"]["decode-0"]
+    assert decode["steps"] >= 5 and decode["step_s"] > 0   # at least one step per output token
