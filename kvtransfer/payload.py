@@ -35,19 +35,29 @@ class LayerPacker:
         A raw body from a GPU is a view of this packer's pinned buffer, valid until the next
         call: the channel sends each body before packing the next, so nothing copies it again."""
         if self.encoder is not None:
-            return self.encoder.encode_layer(layer_idx, k, v)
+            if not k.is_cuda:
+                return self.encoder.encode_layer(layer_idx, k, v)
+            # the codec's host reads sync the current stream: on the thread's default stream
+            # they would wait for every forward pass queued on the device
+            with torch.cuda.stream(self._side_stream(k.device)):
+                return self.encoder.encode_layer(layer_idx, k, v)
         if not k.is_cuda:
             return _as_bytes(torch.stack([k, v]))
         # raw KV leaves the GPU through pinned memory (pageable copies are ~50x slower), on the
         # packer's own stream so that it does not queue behind the model's work
         if self._host is None or self._host.shape[1:] != k.shape:
             self._host = torch.empty((2, *k.shape), dtype=k.dtype, pin_memory=True)
-            self._stream = torch.cuda.Stream(k.device)
-        with torch.cuda.stream(self._stream):
+        stream = self._side_stream(k.device)
+        with torch.cuda.stream(stream):
             self._host[0].copy_(k, non_blocking=True)
             self._host[1].copy_(v, non_blocking=True)
-        self._stream.synchronize()
+        stream.synchronize()
         return _as_bytes(self._host)
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
 
 
 class LayerUnpacker:

@@ -56,24 +56,28 @@ class KVStreamer:
 
     def send_layer(self, rid: str, decode: str, layer: int, block_ids: list[int], num_tokens: int,
                    ready: Any = None) -> None:
+        # called on the loop thread between a forward pass's layers: nothing here may wait for
+        # the GPU (a device tensor made from a list would sync the model's stream every layer)
         k_cache, v_cache = self.kv_cache.layer(layer)
-        blocks = torch.tensor(block_ids, dtype=torch.int64, device=k_cache.device)
         for dst, (lo, hi) in self.plans[decode].routes(self.rank):
             a, b = lo - self.my_heads[0], hi - self.my_heads[0]
-            self.channels[(decode, dst)].send_layer(rid, layer, self._gather(k_cache, v_cache, blocks, num_tokens,
+            self.channels[(decode, dst)].send_layer(rid, layer, self._gather(k_cache, v_cache, block_ids, num_tokens,
                                                                              a, b, ready))
 
-    def _gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, num_tokens: int,
+    def _gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: list[int], num_tokens: int,
                 a: int, b: int, ready: Any) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """The layer's heads a:b, gathered on the channel's thread when it is the layer's turn."""
         whole = (a, b) == (0, k_cache.shape[2])
 
         def gather() -> tuple[torch.Tensor, torch.Tensor]:
             if self.side_stream is None:
+                blocks = torch.tensor(block_ids, dtype=torch.int64)
                 k, v = gather_kv_blocks(k_cache, v_cache, blocks, num_tokens)
                 return (k, v) if whole else (k[:, a:b].contiguous(), v[:, a:b].contiguous())
             # on a side stream, after the layer's compute: overlaps the remaining layers.
             # The tensors stay on the GPU: the codec codes them there; raw goes to the host.
             with torch.cuda.stream(self.side_stream):
+                blocks = torch.tensor(block_ids, dtype=torch.int64, device=k_cache.device)
                 if ready is not None:
                     self.side_stream.wait_event(ready)
                 k, v = gather_kv_blocks(k_cache, v_cache, blocks, num_tokens)
