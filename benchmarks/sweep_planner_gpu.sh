@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Planner fidelity on one multi-GPU machine (dummy llama-3-8b, bf16, ShareGPT lengths trace):
-# profile -> plan (fast link) -> measured + simulated sweeps of the chosen plan and a runner-up
-# -> plan under an emulated slow link and a measured check of its codec choice.
+# profile -> plans (fast link: every mode, and disaggregated only; emulated slow link:
+# disaggregated) -> measured + simulated sweeps of the chosen plan and the best disaggregated
+# one -> a measured check of the slow-link plan's codec choice against the other level.
 # Everything lands under $OUT/planner/; a table is printed last.
 # Usage (device tool): bash benchmarks/sweep_planner_gpu.sh   [OUT, GPUS, LIMIT_S from the env]
 # SMOKE=1: the same steps on this machine's CPU with the tiny-gqa preset (checks the script, not speed).
 # The profile includes the serving overhead (a 1P1D cluster, one request at a time); the sweeps
 # warm the cluster up before their first point. PROFILE_FLAGS=--no-serving skips that phase (it
 # did not finish in 240 s on 2x H200: starting the GPU cluster is slow); SLOW_RUNS= skips the
-# slow-link runs (default: plan_slow plan_slow_alt). MODES: the modes the chosen plan's GPUs are
-# swept in (default disagg,colocated,chunked); FACTORS: the swept rates as multiples of the
-# predicted goodput; RUNNERUP=0 skips the runner-up plan's sweep.
+# slow-link runs (default: plan_slow plan_slow_alt). FACTORS: the swept rates as multiples of
+# each plan's predicted goodput.
 set -u
 OUT=${OUT:-runs/planner_gpu}; GPUS=${GPUS:-2}; LIMIT_S=${LIMIT_S:-540}; SMOKE=${SMOKE:-0}
 W=$OUT/planner; mkdir -p $W
@@ -36,48 +36,33 @@ sed "s/codec: raw, timeout_s: 60/codec: raw, link_gbps: $LINK, timeout_s: 60/" $
 COMMON="--workload $TRACE --max-output-tokens $MAXO --max-prompt-tokens $MAXP --gpus-per-node $GPUS"
 echo "== profile ($(left) s left)"
 timeout 300 splitserve profile $W/base.yaml --quick ${PROFILE_FLAGS:-} --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt
-echo "== plans, fast link and emulated $LINK Gb/s link, side by side on the CPU ($(left) s left)"
-timeout 120 splitserve plan $W/base.yaml --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json \
-  --workload $TRACE --num-requests 400 --max-prompt-tokens $MAXP --max-output-tokens $MAXO \
-  --out $W/plan_fast.yaml 2>$W/plan_fast.log > $W/plan_fast.txt &
-timeout 120 splitserve plan $W/base_slow.yaml --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json \
-  --workload $TRACE --num-requests 400 --max-prompt-tokens $MAXP --max-output-tokens $MAXO \
-  --out $W/plan_slow.yaml 2>$W/plan_slow.log > $W/plan_slow.txt &
+echo "== plans: all modes and disagg only on the fast link, disagg at an emulated $LINK Gb/s link ($(left) s left)"
+PLAN="--gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json --workload $TRACE --num-requests 400 --max-prompt-tokens $MAXP --max-output-tokens $MAXO"
+timeout 150 splitserve plan $W/base.yaml $PLAN --out $W/plan_fast.yaml 2>$W/plan_fast.log > $W/plan_fast.txt &
+timeout 150 splitserve plan $W/base.yaml $PLAN --modes disagg --out $W/plan_disagg.yaml 2>$W/plan_disagg.log > $W/plan_disagg.txt &
+timeout 150 splitserve plan $W/base_slow.yaml $PLAN --modes disagg --out $W/plan_slow.yaml 2>$W/plan_slow.log > $W/plan_slow.txt &
 wait
-cat $W/plan_fast.txt $W/plan_slow.txt
-# the runner-up: the best simulated plan with a different codec (or the next one)
+cat $W/plan_fast.txt $W/plan_disagg.txt $W/plan_slow.txt
+# rates per plan: FACTORS x its own predicted goodput; the slow-link alternative: the same plan with raw
 python3 - $W ${FACTORS:-0.6,0.9,1.2} <<'PY'
 import json, sys, yaml
-w = sys.argv[1]
-side = json.load(open(f"{w}/plan_fast.json"))
-best = side["best"]
-other = next((p for p in side["runners_up"] if p["codec"] != best["codec"]), side["runners_up"][0] if side["runners_up"] else None)
-cfg = yaml.safe_load(open(f"{w}/plan_fast.yaml"))
-if other is None:  # nothing else was simulated: the same plan with another codec level
-    cfg["kv_transfer"]["codec"] = "int8" if best["codec"] == "raw" else "raw"
-else:
-    cfg["prefill"]["instances"], cfg["prefill"]["tp"] = other["prefill"]["instances"], other["prefill"]["tp"]
-    cfg["decode"]["instances"], cfg["decode"]["tp"] = other["decode"]["instances"], other["decode"]["tp"]
-    cfg["kv_transfer"]["codec"], cfg["placement"] = other["codec"], other["placement"]
-yaml.safe_dump(cfg, open(f"{w}/plan_runnerup.yaml", "w"), sort_keys=False)
-g = best["goodput"]
-rates = [round(g * float(f), 2) for f in sys.argv[2].split(",")]
-open(f"{w}/rates.txt", "w").write(",".join(map(str, rates)))
+w, factors = sys.argv[1], [float(f) for f in sys.argv[2].split(",")]
+for name in ("plan_fast", "plan_disagg"):
+    g = json.load(open(f"{w}/{name}.json"))["best"]["goodput"]
+    open(f"{w}/{name}.rates", "w").write(",".join(str(round(g * f, 2)) for f in factors))
 slow = json.load(open(f"{w}/plan_slow.json"))["best"]
-scfg = yaml.safe_load(open(f"{w}/plan_slow.yaml"))
-alt = dict(scfg); alt["kv_transfer"] = dict(scfg["kv_transfer"], codec=best["codec"] if slow["codec"] != best["codec"] else "raw")
-yaml.safe_dump(alt, open(f"{w}/plan_slow_alt.yaml", "w"), sort_keys=False)
+cfg = yaml.safe_load(open(f"{w}/plan_slow.yaml"))
+cfg["kv_transfer"]["codec"] = "raw" if slow["codec"] != "raw" else "default"
+yaml.safe_dump(cfg, open(f"{w}/plan_slow_alt.yaml", "w"), sort_keys=False)
 open(f"{w}/slow_rate.txt", "w").write(str(round(slow["goodput"] * 0.9, 2)))
-print("chosen", best["describe"], "runner-up", other and other["describe"], "rates", rates,
-      "slow-link choice", slow["describe"], "alt codec", alt["kv_transfer"]["codec"])
+print("slow-link choice", slow["describe"], "alternative codec", cfg["kv_transfer"]["codec"])
 PY
-RATES=$(cat $W/rates.txt); SLOW_RATE=$(cat $W/slow_rate.txt)
-SWEEPS="plan_fast"; [ "${RUNNERUP:-1}" = 1 ] && SWEEPS="plan_fast plan_runnerup"
+SLOW_RATE=$(cat $W/slow_rate.txt)
+SWEEPS="plan_fast"; cmp -s $W/plan_fast.yaml $W/plan_disagg.yaml || SWEEPS="plan_fast plan_disagg"
 for name in $SWEEPS; do
   [ $(left) -lt 90 ] && { echo "skip $name: out of time"; continue; }
-  modes=disagg; [ $name = plan_fast ] && modes=${MODES:-disagg,colocated,chunked}
-  echo "== sweep $name ($modes) at $RATES ($(left) s left)"
-  timeout $(( $(left) - 30 )) splitserve sweep $W/$name.yaml --rates $RATES --modes $modes --num-requests $NREQ $COMMON \
+  echo "== sweep $name at $(cat $W/$name.rates) ($(left) s left)"
+  timeout $(( $(left) - 30 )) splitserve sweep $W/$name.yaml --rates $(cat $W/$name.rates) --num-requests $NREQ $COMMON \
     --profile $W/profile.json --timeout 60 --out $W/sweep_$name 2>$W/sweep_$name.log | tee $W/sweep_$name.txt
 done
 for name in ${SLOW_RUNS-plan_slow plan_slow_alt}; do
@@ -87,6 +72,6 @@ for name in ${SLOW_RUNS-plan_slow plan_slow_alt}; do
     --profile $W/profile.json --timeout 60 --out $W/sweep_$name 2>$W/sweep_$name.log | tee $W/sweep_$name.txt
 done
 echo "================ summary ($(cat $W/cards.txt | head -1))"
-for f in plan_fast plan_slow; do head -2 $W/$f.txt; done
-for f in sweep_plan_fast sweep_plan_runnerup sweep_plan_slow sweep_plan_slow_alt; do
+for f in plan_fast plan_disagg plan_slow; do head -2 $W/$f.txt; done
+for f in sweep_plan_fast sweep_plan_disagg sweep_plan_slow sweep_plan_slow_alt; do
   echo "-- $f"; [ -f $W/$f.txt ] && cat $W/$f.txt; done

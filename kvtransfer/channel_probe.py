@@ -31,11 +31,14 @@ class ChannelRate:
     per_request_s: float       # median seconds for the probed request
     num_tokens: int
     level: str
+    in_flight: int = 1         # requests queued back to back (1: each waits for the last to land)
 
 
 def measure_channel(num_layers: int, num_kv_heads: int, head_dim: int, num_tokens: int, dtype: torch.dtype,
                     device: torch.device | str = "cpu", level: str = "raw", repeats: int = 3,
-                    timeout_s: float = 60.0) -> ChannelRate:
+                    timeout_s: float = 60.0, in_flight: int = 1) -> ChannelRate:
+    """`in_flight` = 1 times one request alone (its latency); more queue that many back to
+    back, as a busy prefill instance does, and time the channel's occupancy per request."""
     device = torch.device(device)
     layout = layout_of(num_layers, num_kv_heads, head_dim, dtype)
     k = torch.randn(num_tokens, num_kv_heads, head_dim, device=device).to(dtype)
@@ -57,22 +60,24 @@ def measure_channel(num_layers: int, num_kv_heads: int, head_dim: int, num_token
     sender = KVSender("probe", receiver.address, on_result, timeout_s=timeout_s)
     times = []
     try:
-        for i in range(repeats + 1):   # the first request connects and warms up
-            rid = f"probe-{i}"
-            landed[rid] = threading.Event()
+        for i in range(repeats + 1):   # the first round connects and warms up
+            rids = [f"probe-{i}-{j}" for j in range(in_flight)]
             t0 = time.perf_counter()
-            sender.begin(rid, None, layout, level, num_tokens, (0, num_kv_heads))
-            for layer in range(num_layers):
-                sender.send_layer(rid, layer, lambda: (k, v))
-            sender.done(rid, 0, {})
-            if not landed[rid].wait(timeout_s) or failures:
-                raise RuntimeError(f"channel probe: request {rid} did not land within {timeout_s:.0f} s "
-                                   f"({failures[0] if failures else 'timeout'})")
+            for rid in rids:
+                landed[rid] = threading.Event()
+                sender.begin(rid, None, layout, level, num_tokens, (0, num_kv_heads))
+                for layer in range(num_layers):
+                    sender.send_layer(rid, layer, lambda: (k, v))
+                sender.done(rid, 0, {})
+            for rid in rids:
+                if not landed[rid].wait(timeout_s) or failures:
+                    raise RuntimeError(f"channel probe: request {rid} did not land within {timeout_s:.0f} s "
+                                       f"({failures[0] if failures else 'timeout'})")
             if i:
-                times.append(time.perf_counter() - t0)
+                times.append((time.perf_counter() - t0) / in_flight)
     finally:
         sender.close()
         receiver.close()
     per_request = statistics.median(times)
     raw_bytes = 2 * num_layers * num_tokens * num_kv_heads * head_dim * k.element_size()
-    return ChannelRate(raw_bytes / per_request, per_request, num_tokens, level)
+    return ChannelRate(raw_bytes / per_request, per_request, num_tokens, level, in_flight)

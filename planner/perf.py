@@ -62,7 +62,7 @@ class Perf:
             bps = min(bps, network_gbps * 1e9 / 8)
         if emulated_gbps:
             bps = min(bps, emulated_gbps * 1e9 / 8)
-        return LinkModel(kind, bps, self.tcp.per_layer_s)
+        return LinkModel(kind, bps, self.tcp.per_layer_s, self.tcp.latency_s)
 
     def kv_blocks(self, config: ClusterConfig, pool: PoolSection) -> int:
         if pool.kv_blocks is not None:
@@ -90,16 +90,23 @@ def build_perf(config: ClusterConfig, model: ModelConfig, profile: dict[str, Any
         if entry.get("prefill") and entry.get("decode"):
             perf.measured[int(tp)] = fit_step_model(int(tp), entry["prefill"], entry["decode"])
     codec = profile.get("codec", {})
+
+    def rates(what: str) -> dict[str, float]:
+        # the marginal rate where the profile split off a fixed part, else the sampled rate
+        return {k: v.get(f"{what}_marginal_bytes_per_s") or v[f"{what}_bytes_per_s"]
+                for k, v in codec.items() if v.get(f"{what}_bytes_per_s")}
     perf.transfer = TransferModel(
         kv_token, model.num_layers, dtype_bits,
         bits_per_element={k: v["bits_per_element"] for k, v in codec.items() if v.get("bits_per_element")},
-        encode_bytes_per_s={k: v["encode_bytes_per_s"] for k, v in codec.items() if v.get("encode_bytes_per_s")},
-        decode_bytes_per_s={k: v["decode_bytes_per_s"] for k, v in codec.items() if v.get("decode_bytes_per_s")},
+        encode_bytes_per_s=rates("encode"), decode_bytes_per_s=rates("decode"),
+        encode_per_layer_s={k: v["encode_per_layer_s"] for k, v in codec.items() if "encode_per_layer_s" in v},
+        decode_per_layer_s={k: v["decode_per_layer_s"] for k, v in codec.items() if "decode_per_layer_s" in v},
         copy_bytes_per_s=profile.get("copy_bytes_per_s"),
         codec_on_device=any(v.get("device") == "cuda" for v in codec.values()))
     tcp = profile.get("links", {}).get("tcp")
     if tcp:
-        perf.tcp = LinkModel("tcp", float(tcp["bytes_per_s"]), float(tcp.get("per_layer_s", 0.0)))
+        perf.tcp = LinkModel("tcp", float(tcp["bytes_per_s"]), float(tcp.get("per_layer_s", 0.0)),
+                             float(tcp.get("latency_s", 0.0)))
     if profile.get("colocation"):
         perf.sharing = CoreSharing.from_json(profile["colocation"])
     serving = profile.get("serving_overhead")

@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output-tokens", type=int, default=128)
     p.add_argument("--codecs", default=None, help="comma-separated codec levels to consider (default: all)")
     p.add_argument("--tp", default=None, help="comma-separated TP sizes to consider (default: all that fit)")
+    p.add_argument("--modes", default="disagg,colocated,chunked",
+                   help="modes to consider; colocated/chunked run both phases on every GPU (default: all)")
     p.add_argument("--out", default="plan.yaml")
 
 
@@ -47,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         opt = SearchOptions()
         if args.codecs:
             opt.levels = tuple(args.codecs.split(","))
+        opt.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        if "disagg" not in opt.modes:
+            raise ValueError("--modes: include disagg (the search builds on its per-phase capacities)")
         if args.tp:
             opt.tp_choices = tuple(int(t) for t in args.tp.split(","))
         plans = search(base, perf, workload, budget, opt, log=lambda s: print(f"  {s}", file=sys.stderr))
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _plan_json(p) -> dict:  # noqa: ANN001
     c = p.config
-    return {"describe": p.describe(), "stage": p.stage, "goodput": p.goodput, "per_gpu": p.per_gpu,
+    return {"describe": p.describe(), "mode": c.mode, "stage": p.stage, "goodput": p.goodput, "per_gpu": p.per_gpu,
             "num_gpus": p.num_gpus, "prefill": {"instances": c.prefill.instances, "tp": c.prefill.tp},
             "decode": {"instances": c.decode.instances, "tp": c.decode.tp}, "codec": c.kv_transfer.codec,
             "placement": c.placement, **{k: v for k, v in p.detail.items() if k != "search_s"}}

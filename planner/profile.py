@@ -136,17 +136,26 @@ class EngineProfiler:
 
 def channel_link(model: ModelConfig, dtype: torch.dtype, device: str, max_tokens: int,
                  copy_bytes_per_s: float | None) -> dict[str, float]:
-    """The KV channel as the transfer model sees it: bytes/s on the wire plus a fixed cost per
-    layer message, from the real channel (kvtransfer.channel_probe) at two request sizes. The
-    sender's device-to-host copy is in the probe's time, and the model counts it separately,
-    so it is taken out of the wire rate."""
+    """The KV channel as the transfer model sees it, from the real channel
+    (kvtransfer.channel_probe) at two request sizes: with requests queued back to back, how
+    long each occupies it (bytes/s on the wire plus a fixed cost per layer message); alone,
+    how much longer one takes to land (`latency_s`: thread hand-offs and round trips that
+    overlap the next request's layers, so they delay a request without using the channel).
+    The sender's device-to-host copy is in the probe's time, and the model counts it
+    separately, so it is taken out of the wire rate."""
     from kvtransfer.channel_probe import measure_channel
     small, large = 256, max(512, min(2048, max_tokens))
-    rates = [measure_channel(model.num_layers, model.num_kv_heads, model.head_dim, n, dtype, device)
-             for n in (small, large)]
-    points = [(r.bytes_per_s * r.per_request_s / model.num_layers, r.per_request_s / model.num_layers) for r in rates]
-    return {**fit_link(points, copy_bytes_per_s),
-            "probe": [{"num_tokens": r.num_tokens, "bytes_per_s": r.bytes_per_s} for r in rates]}
+
+    def probe(n: int, in_flight: int):  # noqa: ANN202
+        return measure_channel(model.num_layers, model.num_kv_heads, model.head_dim, n, dtype, device,
+                               in_flight=in_flight)
+    busy = [probe(n, 4) for n in (small, large)]
+    alone = [probe(n, 1) for n in (small, large)]
+    points = [(r.bytes_per_s * r.per_request_s / model.num_layers, r.per_request_s / model.num_layers) for r in busy]
+    latency = min(max(0.0, a.per_request_s - b.per_request_s) for a, b in zip(alone, busy))
+    return {**fit_link(points, copy_bytes_per_s), "latency_s": latency,
+            "probe": [{"num_tokens": r.num_tokens, "in_flight": r.in_flight, "bytes_per_s": r.bytes_per_s}
+                      for r in busy + alone]}
 
 
 def fit_link(points: list[tuple[float, float]], copy_bytes_per_s: float | None) -> dict[str, float]:
@@ -192,25 +201,27 @@ def loopback_tcp_bytes_per_s(total: int = 256 << 20, chunk: int = 4 << 20) -> fl
 
 
 def codec_rates(layers: list[tuple[torch.Tensor, torch.Tensor]], levels: tuple[str, ...], max_layers: int = 4) -> dict[str, dict[str, float]]:
-    """Encode/decode speed (raw bytes per second) and all-in bits per element per level, with
-    the channel's own LayerPacker / LayerUnpacker where the channel runs them: on the GPU when
-    the KV lives there (the sender codes on the device, the receiver decodes on its device),
-    else on the CPU. Each level codes one layer untimed first (kernel compilation)."""
+    """Per level: all-in bits per element, and encode/decode time per layer as a fixed cost
+    plus raw bytes / rate (two sizes: the whole sample and a quarter of its tokens; a GPU
+    codec's launches and host reads are a fixed cost that dominates short prompts). Timed
+    with the channel's own LayerPacker / LayerUnpacker where the channel runs them: on the
+    GPU when the KV lives there, else on the CPU. One untimed layer first (compilation)."""
     from kvtransfer.payload import LayerPacker, LayerUnpacker, layout_of
     k0 = layers[0][0]
     n, h, d = k0.shape
     device = k0.device
     layout = layout_of(len(layers), h, d, k0.dtype)
-    out = {}
-    sample = layers[:max_layers]
-    raw = sum(k.numel() * k.element_size() * 2 for k, _ in sample)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    for level in levels:
-        packer = LayerPacker(layout, level, n)
-        unpacker = LayerUnpacker(layout, level, n, packer.stream_header(), device=device)
+
+    def timed(level: str, tokens: int) -> tuple[float, float, int, int]:
+        """(encode s, decode s, raw bytes, wire bytes) per layer at `tokens` tokens."""
+        sample = [(k[:tokens].contiguous(), v[:tokens].contiguous()) for k, v in layers[:max_layers]]
+        packer = LayerPacker(layout, level, tokens)
+        unpacker = LayerUnpacker(layout, level, tokens, packer.stream_header(), device=device)
+        sync()
         unpacker.unpack(bytearray(bytes(packer.pack(0, *sample[0]))))
         sync()
         t = time.perf_counter()
@@ -221,10 +232,23 @@ def codec_rates(layers: list[tuple[torch.Tensor, torch.Tensor]], levels: tuple[s
             unpacker.unpack(bytearray(b))
         sync()
         dec = time.perf_counter() - t
-        wire = sum(len(b) for b in bodies)
-        out[level] = {"encode_bytes_per_s": raw / enc, "decode_bytes_per_s": raw / dec,
-                      "bits_per_element": 8.0 * wire / (raw / k0.element_size()), "dtype_bits": 8 * k0.element_size(),
-                      "device": device.type}
+        raw = sum(k.numel() * k.element_size() * 2 for k, _ in sample)
+        m = len(sample)
+        return enc / m, dec / m, raw // m, sum(len(b) for b in bodies) // m
+
+    out = {}
+    for level in levels:
+        small, large = timed(level, max(1, n // 4)), timed(level, n)
+        entry: dict[str, Any] = {"bits_per_element": 8.0 * large[3] / (large[2] / k0.element_size()),
+                                 "dtype_bits": 8 * k0.element_size(), "device": device.type}
+        for i, what in ((0, "encode"), (1, "decode")):
+            per_byte = max((large[i] - small[i]) / max(large[2] - small[2], 1), 1e-15)
+            fixed = max(0.0, large[i] - large[2] * per_byte)
+            # rate: raw bytes/s at the sampled size (what older profiles store); the fixed part apart
+            entry[f"{what}_bytes_per_s"] = large[2] / large[i]
+            entry[f"{what}_per_layer_s"] = fixed
+            entry[f"{what}_marginal_bytes_per_s"] = 1.0 / per_byte
+        out[level] = entry
     return out
 
 
@@ -275,7 +299,7 @@ def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] 
     link = channel_link(prof.model, parse_dtype(config.model.dtype), config.device, prof.max_len - 2, copy_rate)
     link["socket_bytes_per_s"] = socket_rate
     log(f"  KV channel: {link['bytes_per_s'] / 1e9:.2f} GB/s + {link['per_layer_s'] * 1e6:.0f} us per layer "
-        f"(bare loopback socket {socket_rate / 1e9:.2f} GB/s)")
+        f"busy, +{link['latency_s'] * 1e3:.1f} ms latency alone (bare loopback socket {socket_rate / 1e9:.2f} GB/s)")
     codec = codec_rates(layers, levels)
     name = torch.cuda.get_device_name() if config.device == "cuda" else "cpu"
     colocation = None

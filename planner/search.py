@@ -83,7 +83,8 @@ class Plan:
     def describe(self) -> str:
         c = self.config
         if c.mode != "disagg":
-            return f"{c.mode} {c.prefill.instances + c.decode.instances}x tp{c.prefill.tp}"
+            tp = c.decode.tp if c.decode.instances else c.prefill.tp
+            return f"{c.mode} {c.prefill.instances + c.decode.instances}x tp{tp}"
         return (f"{c.prefill.instances}P(tp{c.prefill.tp}) + {c.decode.instances}D(tp{c.decode.tp}), "
                 f"codec {c.kv_transfer.codec}, {c.placement}")
 
@@ -223,6 +224,7 @@ class SearchOptions:
     quality_margin: float = 0.05
     max_tp: int = 8
     tp_choices: tuple[int, ...] | None = None
+    modes: tuple[str, ...] = ("disagg", "colocated", "chunked")   # aggregated ones as baselines to beat
 
 
 def phase_target(target: float) -> float:
@@ -352,6 +354,8 @@ def search(base: ClusterConfig, perf: Perf, workload: Workload, budget: Budget,
             **plan.detail, "analytic_goodput": plan.goodput, "curve": [(r * scale, a) for r, a in sorted(curve)],
             "simulated_slice": f"{part.prefill.instances}P+{part.decode.instances}D x {scale:g}"}))
         log(f"simulated {simulated[-1].describe()}: {good:.3g} req/s ({simulated[-1].per_gpu:.3g}/GPU)")
+    from planner.aggregated import aggregated_plans
+    simulated += aggregated_plans(base, perf, workload, budget, opt, tps, duration, log)
     simulated.sort(key=lambda p: -p.per_gpu)
     top = simulated[0].per_gpu
     ok = [p for p in simulated if p.per_gpu >= top * (1 - opt.quality_margin)]

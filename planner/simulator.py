@@ -230,6 +230,7 @@ class SimChannel:
         transfer = self.sim.setup.transfer
         send_s, recv_s = transfer.layer_times(tr.req.num_prompt_tokens, tr.level, self.link) if transfer else (0.0, 0.0)
         sender_free, landed = schedule_layers(tr.ready, send_s, recv_s, now)
+        landed += self.link.latency_s
         enc, dec = transfer.codec_times(tr.req.num_prompt_tokens, tr.level) if transfer else (0.0, 0.0)
         if (enc or dec) and self.sim.cores.shares(self.src.name):
             self._code_on_cores(tr, sender_free, landed, enc, dec, send_s - enc)

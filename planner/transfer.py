@@ -24,7 +24,8 @@ class LinkModel:
 
     name: str
     bytes_per_s: float
-    per_layer_s: float = 0.0
+    per_layer_s: float = 0.0     # occupies the channel, per layer message
+    latency_s: float = 0.0       # delays each request's landing without occupying the channel
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class TransferModel:
     decode_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
     copy_bytes_per_s: float | None = None        # gather/scatter of raw KV (D2H+H2D on GPU)
     codec_on_device: bool = False                # GPU codec: only coded bytes cross PCIe
+    # fixed seconds per layer on top of raw bytes / rate (a GPU codec's launches and host reads)
+    encode_per_layer_s: Mapping[str, float] = field(default_factory=dict)
+    decode_per_layer_s: Mapping[str, float] = field(default_factory=dict)
 
     def wire_bytes(self, num_tokens: int, level: str) -> float:
         bits = self.bits_per_element.get(level, get_level(level).expected_bits)
@@ -46,12 +50,13 @@ class TransferModel:
         return raw if level == "raw" else raw * min(bits, self.dtype_bits) / self.dtype_bits
 
     def codec_times(self, num_tokens: int, level: str) -> tuple[float, float]:
-        """(encode, decode) seconds for one layer of one request: work on the host's cores."""
+        """(encode, decode) seconds for one layer of one request."""
         if level == "raw":
             return 0.0, 0.0
         raw = num_tokens * self.kv_bytes_per_token / self.num_layers
         enc, dec = self.encode_bytes_per_s.get(level), self.decode_bytes_per_s.get(level)
-        return (raw / enc if enc else 0.0), (raw / dec if dec else 0.0)
+        return ((self.encode_per_layer_s.get(level, 0.0) + raw / enc) if enc else 0.0,
+                (self.decode_per_layer_s.get(level, 0.0) + raw / dec) if dec else 0.0)
 
     def layer_times(self, num_tokens: int, level: str, link: LinkModel) -> tuple[float, float]:
         """(sender seconds, receiver seconds) for one layer of one request."""

@@ -53,7 +53,7 @@ def test_search_picks_a_runnable_plan_fast(small_config, small_perf, workload, t
 
 def test_slow_link_changes_the_codec(small_config, small_perf, workload):
     opt = SearchOptions(levels=("raw", "default"), num_phase_requests=60, max_phase_requests=150,
-                        num_e2e_requests=80, max_e2e_requests=200)
+                        num_e2e_requests=80, max_e2e_requests=200, modes=("disagg",))
     fast = search(small_config, small_perf, workload, Budget(2, 2), opt)[0]
     slow_cfg = replace(small_config, kv_transfer=replace(small_config.kv_transfer, link_gbps=0.02))
     slow = search(slow_cfg, small_perf, workload, Budget(2, 2), opt)[0]
@@ -78,3 +78,27 @@ def test_roofline_search_on_a_node_of_h100s_is_quick():
     best = plans[0]
     assert best.num_gpus <= 8 and best.config.prefill.tp in (1, 2)
     assert best.stage == "simulated" and best.goodput > 0
+
+
+def test_aggregated_modes_are_baselines_the_plan_must_beat(small_config, small_perf, workload, tmp_path):
+    from planner.latency import LinearFit, StepModel
+    opt = SearchOptions(levels=("raw",), num_phase_requests=60, max_phase_requests=150, num_e2e_requests=80,
+                        max_e2e_requests=200)
+    # decode steps that grow 2 ms per sequence: a prefill in the batch costs decoding its SLO
+    tight = replace(small_config, slo=replace(small_config.slo, tpot_s=0.06))
+    plans = search(tight, small_perf, workload, Budget(4, 4), opt)
+    modes = {p.config.mode for p in plans if p.stage == "simulated"}
+    assert modes == {"disagg", "colocated", "chunked"}
+    assert plans[0].config.mode == "disagg"
+    # GPU-like steps (batching nearly free, prefills short), a loose TPOT and a KV channel with
+    # a cost per layer message (1.4 ms measured on H200): every GPU doing both phases beats
+    # splitting them, and the plan says so
+    from planner.transfer import LinkModel
+    gpu_like = StepModel(1, LinearFit((0.014, 9e-6, 5e-12)), LinearFit((0.005, 3e-8, 1e-5)))
+    perf = replace(small_perf, measured={1: gpu_like}, tcp=LinkModel("tcp", 2e9, 1e-3), _cache={})
+    loose = replace(small_config, slo=replace(small_config.slo, ttft_s=0.25, tpot_s=0.05))
+    best = search(loose, perf, workload, Budget(2, 2), opt)[0]
+    assert best.config.mode in ("colocated", "chunked")
+    assert best.num_gpus == 2 and best.goodput > 0
+    write_plan(tmp_path / "plan.yaml", best.config, ["a plan"], {})
+    assert load_cluster_config(tmp_path / "plan.yaml") == best.config

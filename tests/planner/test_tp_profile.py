@@ -39,8 +39,9 @@ def test_channel_link_is_fitted_from_two_probe_sizes():
     from engine.presets import get_preset
     from planner.profile import channel_link, fit_link
     link = channel_link(get_preset("tiny-gqa"), torch.float32, "cpu", 1024, copy_bytes_per_s=None)
-    assert [p["num_tokens"] for p in link["probe"]] == [256, 1024]
-    assert link["bytes_per_s"] > 0 and link["per_layer_s"] >= 0
+    # busy (4 queued back to back) and alone, at two sizes each
+    assert [(p["num_tokens"], p["in_flight"]) for p in link["probe"]] == [(256, 4), (1024, 4), (256, 1), (1024, 1)]
+    assert link["bytes_per_s"] > 0 and link["per_layer_s"] >= 0 and link["latency_s"] >= 0
     # 1 ms per message + 1 GB/s; a 10 GB/s copy inside the probe comes out of the wire rate
     fit = fit_link([(1e6, 0.002), (9e6, 0.010)], None)
     assert fit["bytes_per_s"] == pytest.approx(1e9) and fit["per_layer_s"] == pytest.approx(1e-3)
