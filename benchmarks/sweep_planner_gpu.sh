@@ -10,7 +10,8 @@
 # warm the cluster up before their first point. PROFILE_FLAGS=--no-serving skips that phase (it
 # did not finish in 240 s on 2x H200: starting the GPU cluster is slow); SLOW_RUNS= skips the
 # slow-link runs (default: plan_slow plan_slow_alt). FACTORS: the swept rates as multiples of
-# each plan's predicted goodput.
+# each plan's predicted goodput. PLAN_FLAGS: extra plan flags (default --tp 1: TP>1 would be
+# derived from TP 1, and measured TP>1 decode steps are slower in this build).
 set -u
 OUT=${OUT:-runs/planner_gpu}; GPUS=${GPUS:-2}; LIMIT_S=${LIMIT_S:-540}; SMOKE=${SMOKE:-0}
 W=$OUT/planner; mkdir -p $W
@@ -37,7 +38,7 @@ COMMON="--workload $TRACE --max-output-tokens $MAXO --max-prompt-tokens $MAXP --
 echo "== profile ($(left) s left)"
 timeout 300 splitserve profile $W/base.yaml --quick ${PROFILE_FLAGS:-} --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt
 echo "== plans: all modes and disagg only on the fast link, disagg at an emulated $LINK Gb/s link ($(left) s left)"
-PLAN="--gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json --workload $TRACE --num-requests 400 --max-prompt-tokens $MAXP --max-output-tokens $MAXO"
+PLAN="${PLAN_FLAGS---tp 1} --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json --workload $TRACE --num-requests 400 --max-prompt-tokens $MAXP --max-output-tokens $MAXO"
 timeout 150 splitserve plan $W/base.yaml $PLAN --out $W/plan_fast.yaml 2>$W/plan_fast.log > $W/plan_fast.txt &
 timeout 150 splitserve plan $W/base.yaml $PLAN --modes disagg --out $W/plan_disagg.yaml 2>$W/plan_disagg.log > $W/plan_disagg.txt &
 timeout 150 splitserve plan $W/base_slow.yaml $PLAN --modes disagg --out $W/plan_slow.yaml 2>$W/plan_slow.log > $W/plan_slow.txt &
