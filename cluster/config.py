@@ -11,7 +11,7 @@ are rejected with the field's dotted path and the fix.
                   link_gbps, timeout_s, max_retries}
     slo:         {ttft_s, tpot_s, attainment}
     placement:   pack | spread
-    engine:      {block_size, max_model_len}
+    engine:      {block_size, max_model_len, cpu_threads_per_instance, switch_interval_ms}
 """
 
 from __future__ import annotations
@@ -103,6 +103,10 @@ class EngineSection:
     block_size: int = 16
     max_model_len: int | None = None
     cpu_threads_per_instance: int | None = None
+    # Python's GIL switch interval in each instance process (None: Python's 5 ms). A KV channel
+    # thread waits up to this long for the GIL per layer message while the step loop launches
+    # kernels; shorter hands it over sooner at some cost to the loop.
+    switch_interval_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,9 @@ class ClusterConfig:
         if self.mode == "disagg" and (self.prefill.instances == 0 or self.decode.instances == 0):
             raise ConfigError("mode: disagg needs prefill.instances >= 1 and decode.instances >= 1; "
                               "use mode: colocated for a single pool")
+        si = self.engine.switch_interval_ms
+        if si is not None and not 0.01 <= si <= 100:
+            raise ConfigError(f"engine.switch_interval_ms={si}: use 0.01-100 ms, or leave it unset for Python's 5 ms")
         if self.device == "cpu" and self.model.dtype not in ("float32", "fp32", "bfloat16", "bf16"):
             raise ConfigError(f"model.dtype={self.model.dtype!r}: CPU runs float32 or bfloat16")
 

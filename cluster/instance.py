@@ -28,6 +28,9 @@ class Instance:
             raise ValueError(f"role={role!r}: one of {ROLES}")
         if num_threads:
             torch.set_num_threads(num_threads)
+        if config.engine.switch_interval_ms:
+            import sys
+            sys.setswitchinterval(config.engine.switch_interval_ms / 1000)
         self.role, self.name, self.config, self.tp_size = role, name, config, tp_size
         if advertise_host is None:  # inside a Ray actor: the address other nodes reach us at
             import ray

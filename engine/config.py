@@ -102,6 +102,7 @@ class EngineConfig:
     device: str = "cpu"
     attention_backend: str = "auto"  # registry key in engine.attention
     use_cuda_graphs: bool = True
+    capture_graphs_at_start: bool = True  # False: capture each decode bucket on first use
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -44,7 +44,11 @@ class LLMEngine:
         # A tensor-parallel instance passes its rank-0 runner in; otherwise a single device.
         self.runner = runner or ModelRunner(model_config, config, weights)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
-        self.scheduler: Scheduler = SCHEDULERS[policy](scheduler_config_for(model_config, config), self.blocks)
+        sched_config = scheduler_config_for(model_config, config)
+        self.scheduler: Scheduler = SCHEDULERS[policy](sched_config, self.blocks)
+        if self.runner.graphs is not None and config.capture_graphs_at_start and policy != "prefill":
+            # before serving: a capture inside a live step stalls the whole batch
+            self.runner.graphs.capture_all(min(sched_config.max_model_len, self.runner.num_blocks * config.block_size))
         self._ids = itertools.count()
         self.num_steps = 0  # steps that ran a batch
         self.eos_token_ids = tuple(model_config.eos_token_ids)

@@ -47,6 +47,7 @@ def test_missing_file():
     ({"kv_transfer": {"link_gbps": 0}}, "kv_transfer.link_gbps=0"),
     ({"model": {"dtype": "float8"}}, "model.dtype: unknown dtype"),
     ({"model": {"name": "gpt-17"}}, "model.name"),
+    ({"engine": {"switch_interval_ms": 0}}, "engine.switch_interval_ms=0"),
 ])
 def test_bad_values_name_the_field(data, field):
     with pytest.raises(ConfigError) as err:
