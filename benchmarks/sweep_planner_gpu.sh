@@ -10,7 +10,8 @@
 # warm the cluster up before their first point. PROFILE_FLAGS=--no-serving skips that phase (it
 # did not finish in 240 s on 2x H200: starting the GPU cluster is slow); SLOW_RUNS= skips the
 # slow-link runs (default: plan_slow plan_slow_alt). FACTORS: the swept rates as multiples of
-# each plan's predicted goodput. PLAN_FLAGS: extra plan flags (default --tp 1: TP>1 would be
+# each plan's predicted goodput. PROFILE=path reuses a profile; SWITCH_MS=x also sweeps the
+# disaggregated plan with engine.switch_interval_ms=x. PLAN_FLAGS: extra plan flags (default --tp 1: TP>1 would be
 # derived from TP 1, and measured TP>1 decode steps are slower in this build).
 set -u
 OUT=${OUT:-runs/planner_gpu}; GPUS=${GPUS:-2}; LIMIT_S=${LIMIT_S:-540}; SMOKE=${SMOKE:-0}
@@ -36,7 +37,8 @@ YAML
 sed "s/codec: raw, timeout_s: 60/codec: raw, link_gbps: $LINK, timeout_s: 60/" $W/base.yaml > $W/base_slow.yaml
 COMMON="--workload $TRACE --max-output-tokens $MAXO --max-prompt-tokens $MAXP --gpus-per-node $GPUS"
 echo "== profile ($(left) s left)"
-timeout 300 splitserve profile $W/base.yaml --quick ${PROFILE_FLAGS:-} --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt
+if [ -n "${PROFILE:-}" ]; then cp $PROFILE $W/profile.json; echo "profile: $PROFILE"; else
+timeout 300 splitserve profile $W/base.yaml --quick ${PROFILE_FLAGS:-} --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt; fi
 echo "== plans: all modes and disagg only on the fast link, disagg at an emulated $LINK Gb/s link ($(left) s left)"
 PLAN="${PLAN_FLAGS---tp 1} --gpus $GPUS --gpus-per-node $GPUS --profile $W/profile.json --workload $TRACE --num-requests 400 --max-prompt-tokens $MAXP --max-output-tokens $MAXO"
 timeout 150 splitserve plan $W/base.yaml $PLAN --out $W/plan_fast.yaml 2>$W/plan_fast.log > $W/plan_fast.txt &
@@ -59,7 +61,12 @@ open(f"{w}/slow_rate.txt", "w").write(str(round(slow["goodput"] * 0.9, 2)))
 print("slow-link choice", slow["describe"], "alternative codec", cfg["kv_transfer"]["codec"])
 PY
 SLOW_RATE=$(cat $W/slow_rate.txt)
-SWEEPS="plan_fast"; cmp -s $W/plan_fast.yaml $W/plan_disagg.yaml || SWEEPS="plan_fast plan_disagg"
+same=$(python3 -c "import json, sys; print(int(len({json.load(open(f))['best']['describe'] for f in sys.argv[1:]}) == 1))" $W/plan_fast.json $W/plan_disagg.json)
+SWEEPS="plan_fast"; [ "$same" = 1 ] || SWEEPS="plan_fast plan_disagg"
+if [ -n "${SWITCH_MS:-}" ]; then   # the disaggregated plan again with a shorter GIL switch interval
+  python3 -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); c.setdefault('engine', {})['switch_interval_ms'] = float(sys.argv[3]); yaml.safe_dump(c, open(sys.argv[2], 'w'), sort_keys=False)" \
+    $W/plan_disagg.yaml $W/plan_disagg_si.yaml $SWITCH_MS && cp $W/plan_disagg.rates $W/plan_disagg_si.rates && SWEEPS="$SWEEPS plan_disagg_si"
+fi
 for name in $SWEEPS; do
   [ $(left) -lt 90 ] && { echo "skip $name: out of time"; continue; }
   echo "== sweep $name at $(cat $W/$name.rates) ($(left) s left)"
@@ -74,5 +81,5 @@ for name in ${SLOW_RUNS-plan_slow plan_slow_alt}; do
 done
 echo "================ summary ($(cat $W/cards.txt | head -1))"
 for f in plan_fast plan_disagg plan_slow; do head -2 $W/$f.txt; done
-for f in sweep_plan_fast sweep_plan_disagg sweep_plan_slow sweep_plan_slow_alt; do
+for f in sweep_plan_fast sweep_plan_disagg sweep_plan_disagg_si sweep_plan_slow sweep_plan_slow_alt; do
   echo "-- $f"; [ -f $W/$f.txt ] && cat $W/$f.txt; done
