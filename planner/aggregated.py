@@ -17,7 +17,9 @@ from typing import Callable
 
 from cluster.config import ClusterConfig
 from planner.perf import Perf
-from planner.search import Budget, Plan, SearchOptions, Workload, attainment_at, bisect_rate, prefill_bound, sim_setup
+from planner.capacity import attainment_at, bisect_rate, prefill_bound
+from planner.search import Budget, Plan, SearchOptions, sim_setup
+from planner.workload import Workload
 
 
 def aggregated_config(base: ClusterConfig, mode: str, tp: int, instances: int) -> ClusterConfig:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from cluster.config import ClusterConfig, PoolSection
 from engine.config import ModelConfig, parse_dtype

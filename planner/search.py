@@ -22,14 +22,16 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from benchmarks.workloads import gamma_arrivals
 from cluster.config import ClusterConfig
-from engine.metrics import attainment, summarize
+from engine.metrics import summarize
 from kvtransfer.codec import QUALITY_ORDER
 from planner.hardware import tp_sizes
 from planner.latency import LinearFit, StepModel
 from planner.perf import Perf
+from planner.capacity import attainment_at, bisect_rate, decode_bound, prefill_bound
 from planner.simulator import SimSetup, simulate
+from planner.transfer import LinkModel
+from planner.workload import Workload
 
 IDEAL = StepModel(0, LinearFit((0.0, 0.0, 0.0), source="ideal"), LinearFit((0.0, 0.0, 0.0), source="ideal"))
 IDEAL_BLOCKS = 1 << 16
@@ -40,28 +42,6 @@ class Budget:
     gpus: int
     gpus_per_node: int = 8
     link_gbps: float | None = None     # between nodes; None: as fast as the KV channel
-
-
-@dataclass
-class Workload:
-    """Prompt and output lengths (tokens) of a trace; requests cycle through them."""
-
-    prompt_lens: list[int]
-    output_lens: list[int]
-    seed: int = 0
-
-    def trace(self, n: int, rate: float) -> tuple[list[int], list[int], list[float]]:
-        k = len(self.prompt_lens)
-        return ([self.prompt_lens[i % k] for i in range(n)], [self.output_lens[i % k] for i in range(n)],
-                gamma_arrivals(n, rate, self.seed))
-
-    @property
-    def mean_prompt(self) -> float:
-        return sum(self.prompt_lens) / len(self.prompt_lens)
-
-    @property
-    def mean_output(self) -> float:
-        return sum(self.output_lens) / len(self.output_lens)
 
 
 @dataclass
@@ -141,74 +121,6 @@ def sim_setup(config: ClusterConfig, perf: Perf, budget: Budget, ideal: str | No
                     overhead, sharing, node_of)
 
 
-# ---- goodput by bisection ----------------------------------------------------------------------
-
-def trace_size(rate: float, duration_s: float, lo: int, hi: int) -> int:
-    """Requests for a simulated run: enough to last `duration_s` (so an overload shows as
-    queueing rather than hiding in a short burst), within [lo, hi]."""
-    return int(min(hi, max(lo, rate * duration_s)))
-
-
-def attainment_at(config: ClusterConfig, setup: SimSetup, workload: Workload, rate: float, n: int,
-                  metric: str = "both", duration_s: float = 0.0, max_n: int = 1500,
-                  single_token: bool = False) -> float:
-    prompts, outputs, arrivals = workload.trace(trace_size(rate, duration_s, n, max_n), rate)
-    if single_token:  # prefill alone: the first token is all that is measured
-        outputs = [1] * len(outputs)
-    records = simulate(config, setup, prompts, outputs, arrivals)
-    both, ttft, tpot = attainment(records, config.slo.ttft_s, config.slo.tpot_s)
-    return {"both": both, "ttft": ttft, "tpot": tpot}[metric]
-
-
-def bisect_rate(attain: Callable[[float], float], hi: float, target: float, iters: int = 7,
-                curve: list[tuple[float, float]] | None = None) -> float:
-    """Highest rate with attainment >= target, searched in (0, hi] (hi doubles while it passes)."""
-    lo = 0.0
-    for _ in range(3):
-        a = attain(hi)
-        if curve is not None:
-            curve.append((hi, a))
-        if a < target:
-            break
-        lo, hi = hi, hi * 2
-    else:
-        return lo
-    for _ in range(iters):
-        if hi - lo <= 0.02 * hi:
-            break
-        mid = (lo + hi) / 2
-        a = attain(mid)
-        if curve is not None:
-            curve.append((mid, a))
-        lo, hi = (mid, hi) if a >= target else (lo, mid)
-    return lo
-
-
-# ---- analytic bounds ---------------------------------------------------------------------------
-
-def prefill_bound(step: StepModel, workload: Workload, max_batch_tokens: int) -> float:
-    """Requests/s one prefill instance sustains at full token batches (an upper bound)."""
-    mean_len = workload.mean_prompt
-    per_batch = max(1.0, max_batch_tokens / mean_len)
-    n = per_batch * mean_len
-    attn = per_batch * sum(p * p for p in workload.prompt_lens) / len(workload.prompt_lens)
-    return per_batch / max(step.prefill_time(n, attn), 1e-9)
-
-
-def decode_bound(step: StepModel, workload: Workload, tpot_s: float, max_batch: int, num_blocks: int,
-                 block_size: int) -> float:
-    """Requests/s one decode instance sustains with the largest batch whose step fits the TPOT
-    target and the KV cache (an upper bound)."""
-    ctx = workload.mean_prompt + workload.mean_output / 2
-    by_memory = int(num_blocks * block_size / (workload.mean_prompt + workload.mean_output))
-    best = 0.0
-    for b in range(1, max(1, min(max_batch, by_memory)) + 1):
-        t = step.decode_time(b, b * ctx)
-        if t <= tpot_s:
-            best = max(best, b / t / max(1.0, workload.mean_output - 1))
-    return best
-
-
 # ---- the search --------------------------------------------------------------------------------
 
 @dataclass
@@ -232,7 +144,7 @@ def phase_target(target: float) -> float:
     return 1 - (1 - target) / 2
 
 
-def levels_worth_trying(perf: Perf, workload: Workload, link: "LinkModel", tpot_s: float, raw_capacity: float,
+def levels_worth_trying(perf: Perf, workload: Workload, link: LinkModel, tpot_s: float, raw_capacity: float,
                         levels: tuple[str, ...]) -> list[str]:
     """Every other level when raw transfer is not negligible: a long prompt's raw KV costs a
     noticeable share of its token-time budget, or the link would be busy a noticeable share

@@ -3,10 +3,33 @@ same loader `splitserve run` uses (so plan, simulation and run see one trace).""
 
 from __future__ import annotations
 
-from benchmarks.workloads import load_workload
+from dataclasses import dataclass
+
+from benchmarks.workloads import gamma_arrivals, load_workload
 from cluster.config import ClusterConfig
 from engine.weights import ModelSource
-from planner.search import Workload
+
+
+@dataclass
+class Workload:
+    """Prompt and output lengths (tokens) of a trace; requests cycle through them."""
+
+    prompt_lens: list[int]
+    output_lens: list[int]
+    seed: int = 0
+
+    def trace(self, n: int, rate: float) -> tuple[list[int], list[int], list[float]]:
+        k = len(self.prompt_lens)
+        return ([self.prompt_lens[i % k] for i in range(n)], [self.output_lens[i % k] for i in range(n)],
+                gamma_arrivals(n, rate, self.seed))
+
+    @property
+    def mean_prompt(self) -> float:
+        return sum(self.prompt_lens) / len(self.prompt_lens)
+
+    @property
+    def mean_output(self) -> float:
+        return sum(self.output_lens) / len(self.output_lens)
 
 
 def workload_lengths(config: ClusterConfig, name: str, num: int, seed: int, max_prompt_tokens: int,

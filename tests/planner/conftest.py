@@ -8,7 +8,7 @@ from engine.presets import get_preset
 from planner.latency import LinearFit, StepModel
 from planner.perf import Perf
 from planner.hardware import ACCELERATORS
-from planner.search import Workload
+from planner.workload import Workload
 from planner.transfer import LinkModel, TransferModel
 
 

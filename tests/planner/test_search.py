@@ -1,14 +1,15 @@
 import time
 from dataclasses import replace
 
-import pytest
 import yaml
 
 from cluster.config import load_cluster_config
 from engine.presets import get_preset
 from planner.perf import build_perf
 from planner.plan_io import write_plan
-from planner.search import (Budget, SearchOptions, Workload, assign_nodes, bisect_rate, plan_slice, search)
+from planner.capacity import bisect_rate
+from planner.search import Budget, SearchOptions, assign_nodes, plan_slice, search
+from planner.workload import Workload
 
 
 def test_bisect_finds_the_threshold():

@@ -2,7 +2,6 @@ from dataclasses import replace
 
 import pytest
 
-from benchmarks.workloads import gamma_arrivals
 from engine.metrics import summarize
 from planner.search import Budget, sim_setup
 from planner.simulator import Simulator
