@@ -4,7 +4,8 @@ DistServe's forms, with chunked prefill folded in:
 
     prefill step  t = a + b * sum(new tokens) + c * sum(new * (start + new))   (attention term:
                   each new token attends to its context; sum(len^2) for whole prompts)
-    decode step   t = a + b * sum(context) + c * batch
+    decode step   t = a + b * sum(context) + c * batch, or per profiled batch size a line in
+                  context interpolated over batch (DecodeGrid) where that fits the profile better
     mixed step    prefill part + decode part - the smaller constant (one launch, not two)
 
 Fitted by least squares on relative error from a profile (coefficients kept >= 0), with the
@@ -73,13 +74,84 @@ def fit_linear(points: Iterable[tuple[float, float, float]]) -> LinearFit:
                      (float(pts[:, 0].max()), float(pts[:, 1].max())), err)
 
 
+@dataclass(frozen=True)
+class DecodeGrid:
+    """Decode step time over the profiled batch sizes: per batch size a line in total context
+    (a_i + k_i * sum_context), interpolated linearly in batch between them and continued from
+    the last two beyond. CPU decode steps are concave in batch (SmolLM2 on 2 cores: 65 ms at
+    batch 1, 120 at 4, 191 at 16), which one plane a + b*context + c*batch misses by 25% at
+    batch 4; the plane stays for the step constant and for display."""
+
+    plane: LinearFit
+    batches: tuple[int, ...]
+    lines: tuple[tuple[float, float], ...]   # (a_i, k_i) per batch size
+    mean_rel_err: float | None = None
+
+    @property
+    def coef(self) -> tuple[float, float, float]:
+        return self.plane.coef
+
+    @property
+    def source(self) -> str:
+        return self.plane.source
+
+    def __call__(self, sum_context: float, batch: float) -> float:
+        bs, lines = self.batches, self.lines
+        i = 0
+        while i < len(bs) - 2 and batch > bs[i + 1]:
+            i += 1
+        (b0, (a0, k0)), (b1, (a1, k1)) = (bs[i], lines[i]), (bs[i + 1], lines[i + 1])
+        f = (max(batch, bs[0]) - b0) / (b1 - b0)
+        a, k = a0 + f * (a1 - a0), k0 + f * (k1 - k0)
+        return max(a, 0.0) + max(k, 0.0) * sum_context
+
+    def extrapolates(self, sum_context: float, batch: float) -> bool:
+        return self.plane.extrapolates(sum_context, batch)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.plane.to_json(), "grid": {"batches": list(self.batches), "lines": [list(x) for x in self.lines],
+                                                 "mean_rel_err": self.mean_rel_err}}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "DecodeGrid":
+        g = d["grid"]
+        return cls(LinearFit.from_json(d), tuple(g["batches"]), tuple(tuple(x) for x in g["lines"]),  # type: ignore[arg-type]
+                   g.get("mean_rel_err"))
+
+
+def fit_decode(points: list[tuple[float, float, float]]) -> LinearFit | DecodeGrid:
+    """(sum_context, batch, seconds) -> the plane, or a grid over batch sizes when the profile
+    has two or more contexts at each of two or more batch sizes and the grid fits better."""
+    plane = fit_linear(points)
+    by_batch: dict[float, list[tuple[float, float]]] = {}
+    for ctx, b, t in points:
+        by_batch.setdefault(b, []).append((ctx, t))
+    usable = sorted(b for b, pts in by_batch.items() if len({c for c, _ in pts}) >= 2)
+    if len(usable) < 2:
+        return plane
+    lines = []
+    for b in usable:
+        pts = np.asarray(by_batch[b], dtype=np.float64)
+        w = 1.0 / np.maximum(pts[:, 1], 1e-9)
+        x = np.column_stack([np.ones(len(pts)), pts[:, 0]])
+        (a, k), *_ = np.linalg.lstsq(x * w[:, None], pts[:, 1] * w, rcond=None)
+        if k < 0:   # time never falls as context grows
+            a, k = float(np.average(pts[:, 1], weights=w)), 0.0
+        lines.append((float(a), float(k)))
+    grid = DecodeGrid(plane, tuple(int(b) for b in usable), tuple(lines))
+    err = float(np.mean([abs(grid(c, b) - t) / max(t, 1e-9) for c, b, t in points]))
+    if plane.mean_rel_err is not None and err >= plane.mean_rel_err:
+        return plane
+    return DecodeGrid(plane, grid.batches, grid.lines, err)
+
+
 @dataclass
 class StepModel:
     """Iteration time of one instance at one TP size."""
 
     tp: int
     prefill: LinearFit
-    decode: LinearFit
+    decode: LinearFit | DecodeGrid
     extrapolations: int = field(default=0, compare=False)  # predictions outside the fitted range
 
     def prefill_time(self, num_tokens: float, attn: float) -> float:
@@ -112,13 +184,15 @@ class StepModel:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "StepModel":
-        return cls(int(d["tp"]), LinearFit.from_json(d["prefill"]), LinearFit.from_json(d["decode"]))
+        dec = d["decode"]
+        return cls(int(d["tp"]), LinearFit.from_json(d["prefill"]),
+                   DecodeGrid.from_json(dec) if "grid" in dec else LinearFit.from_json(dec))
 
 
 def fit_step_model(tp: int, prefill_points: list[dict[str, float]], decode_points: list[dict[str, float]]) -> StepModel:
     """From profile rows: prefill {num_tokens, attn, time_s}; decode {batch, sum_context, time_s}."""
     pre = fit_linear((p["num_tokens"], p["attn"], p["time_s"]) for p in prefill_points)
-    dec = fit_linear((p["sum_context"], p["batch"], p["time_s"]) for p in decode_points)
+    dec = fit_decode([(p["sum_context"], p["batch"], p["time_s"]) for p in decode_points])
     return StepModel(tp, pre, dec)
 
 
@@ -129,8 +203,9 @@ def derive_tp(base: StepModel, tp: int, efficiency: float = 0.85) -> StepModel:
     doublings = max(0.0, math.log2(tp / base.tp))
     scale = base.tp / (tp * efficiency ** doublings)   # speedup tp/base at `efficiency` per doubling
 
-    def scaled(f: LinearFit, const_share: float) -> LinearFit:
-        a, b, c = f.coef
+    def scaled(f: LinearFit | DecodeGrid, const_share: float) -> LinearFit:
+        plane = f.plane if isinstance(f, DecodeGrid) else f
+        a, b, c = plane.coef
         a2 = a * (const_share + (1 - const_share) * scale)
-        return LinearFit((a2, b * scale, c * scale), f.lo, f.hi, f.mean_rel_err, "derived")
+        return LinearFit((a2, b * scale, c * scale), plane.lo, plane.hi, plane.mean_rel_err, "derived")
     return StepModel(tp, scaled(base.prefill, 0.5), scaled(base.decode, 0.3))

@@ -64,3 +64,20 @@ def test_roofline_and_tp_scaling_are_sane():
     assert tp_sizes(model, 8) == [1, 2, 4, 8]
     assert tp_sizes(get_preset("smollm2-135m"), 8) == [1]  # 3 KV heads split only one way
     assert kv_blocks_per_instance(model, 2, h100, "bfloat16", 16) > kv_blocks_per_instance(model, 1, h100, "bfloat16", 16)
+
+
+def test_decode_grid_follows_a_step_time_concave_in_batch():
+    from planner.latency import DecodeGrid, StepModel, fit_decode
+    # 50 ms + 20 ms * sqrt(batch) + 30 us per context token: concave in batch, as on a CPU
+    def t(ctx, b):
+        return 0.05 + 0.02 * b ** 0.5 + 3e-5 * ctx
+    pts = [(b * c, b, t(b * c, b)) for b in (1, 4, 16, 32) for c in (64, 256, 1024)]
+    fit = fit_decode(pts)
+    assert isinstance(fit, DecodeGrid) and fit.mean_rel_err < fit.plane.mean_rel_err
+    for b, c in ((2, 100), (8, 300), (24, 700)):
+        assert abs(fit(b * c, b) - t(b * c, b)) / t(b * c, b) < 0.05
+    model = StepModel(1, fit.plane, fit)
+    again = StepModel.from_json(model.to_json())
+    assert again.decode_time(8, 2400) == pytest.approx(model.decode_time(8, 2400))
+    # one batch size only: nothing to interpolate, the plane stays
+    assert not isinstance(fit_decode([(c, 4, t(c, 4)) for c in (64, 256, 1024)]), DecodeGrid)
