@@ -15,6 +15,9 @@ instance's work is in the numbers:
     admission         a batch of 8 decodes while short requests join one at a time: the steps
                       that admit one exceed the model by more than the plain steps; the
                       difference is charged to the decode step that admits each request
+    KV transfer       the one-at-a-time requests' transfer time (first token to the decode side
+                      holding the whole KV): the channel inside a running instance, which the
+                      isolated probe can understate (~7 ms probed vs 61 ms served on H100)
 
 They are added to every modeled step of that pool (as work: they share cores like the step).
 """
@@ -39,6 +42,7 @@ def measure_overhead(config: ClusterConfig, model: StepModel, num_requests: int 
                   decode=replace(config.decode, instances=1))
     cluster = Cluster.start(cfg)
     ttfts: list[float] = []
+    transfers: list[tuple[int, float]] = []        # (raw KV bytes, served transfer s)
     points: list[tuple[int, float, float]] = []    # (batch, served gap s, modeled step s)
     try:
         # 1. one request at a time: TTFT, and decode steps at batch 1
@@ -46,7 +50,10 @@ def measure_overhead(config: ClusterConfig, model: StepModel, num_requests: int 
             rid, steps = _submit(cluster, i, 1, prompt_len, output_len)[0]
             if i == 0 or not cluster.frontend.requests[rid].done:
                 continue
-            ttfts.append(cluster.frontend.record(rid).ttft_s)
+            record = cluster.frontend.record(rid)
+            ttfts.append(record.ttft_s)
+            if record.kv_transfer_s and record.kv_bytes_raw:
+                transfers.append((record.kv_bytes_raw, record.kv_transfer_s))
             points.extend(_gaps(steps, 1, prompt_len, model))
             time.sleep(0.2)
         # 2. a decode batch of B at once (admitted together once their prefills are done)
@@ -73,6 +80,9 @@ def measure_overhead(config: ClusterConfig, model: StepModel, num_requests: int 
            "decode_admission_s": admission, "admission_steps": adm_steps,
            "decode_steps": {str(b): {"served_s": g, "model_s": m} for b, (g, m) in per_batch.items()},
            "num_requests": len(ttfts), "prompt_len": prompt_len, "output_len": output_len}
+    if transfers:
+        out["kv_transfer"] = {"raw_bytes": statistics.median(b for b, _ in transfers),
+                              "served_s": statistics.median(t for _, t in transfers), "num": len(transfers)}
     log(f"  served TTFT {ttft * 1e3:.0f} ms vs modeled prefill {model_prefill * 1e3:.0f} ms; decode overhead "
         f"{const * 1e3:.1f} ms + {per_seq * 1e3:.2f} ms/seq; {admission * 1e3:.1f} ms per admission")
     return out

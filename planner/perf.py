@@ -106,6 +106,9 @@ def build_perf(config: ClusterConfig, model: ModelConfig, profile: dict[str, Any
     if tcp:
         perf.tcp = LinkModel("tcp", float(tcp["bytes_per_s"]), float(tcp.get("per_layer_s", 0.0)),
                              float(tcp.get("latency_s", 0.0)))
+    served = (profile.get("serving_overhead") or {}).get("kv_transfer")
+    if served and tcp:
+        perf.tcp = calibrate_link(perf.tcp, perf.transfer, served, perf.notes)
     if profile.get("colocation"):
         perf.sharing = CoreSharing.from_json(profile["colocation"])
     serving = profile.get("serving_overhead")
@@ -115,3 +118,17 @@ def build_perf(config: ClusterConfig, model: ModelConfig, profile: dict[str, Any
                            "decode_admission": float(serving.get("decode_admission_s", 0.0))}
     perf.notes.extend(profile.get("notes", []))
     return perf
+
+
+def calibrate_link(link: LinkModel, transfer: TransferModel, served: dict[str, float], notes: list[str]) -> LinkModel:
+    """The probed channel, slowed to what a request's transfer took inside the running cluster
+    (serving_overhead.kv_transfer) where that was slower: the isolated probe does not see the
+    busy instance around the channel. Both the wire rate and the per-message cost scale."""
+    tokens = served["raw_bytes"] / transfer.kv_bytes_per_token
+    modeled = transfer.total_time(int(round(tokens)), "raw", link)
+    factor = served["served_s"] / modeled if modeled > 0 else 1.0
+    if factor <= 1.05:
+        return link
+    notes.append(f"KV channel slowed x{factor:.2f}: a {tokens:.0f}-token transfer took {served['served_s'] * 1e3:.0f} ms "
+                 f"in the running cluster vs {modeled * 1e3:.0f} ms modeled from the probe")
+    return LinkModel(link.name, link.bytes_per_s / factor, link.per_layer_s * factor, link.latency_s)
