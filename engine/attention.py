@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -55,23 +55,30 @@ def length_grouped(decode: Callable[..., torch.Tensor]) -> Callable[..., torch.T
     times uniform contexts. Sequences are sorted by context and cut into groups whose longest is
     at most twice their shortest (16 tokens at least), so padded work stays within 2x of the
     real work. Each row's result is the same (padding is masked out)."""
+    # every layer of a step passes the same context_lens tensor (the runner builds one per step)
+    last: list[Any] = [None, []]
+
+    def groups_of(context_lens: torch.Tensor) -> list[torch.Tensor]:
+        if last[0] is not context_lens:
+            lens = context_lens.tolist()
+            order = sorted(range(len(lens)), key=lens.__getitem__)
+            groups, start = [], 0
+            for i in range(1, len(lens) + 1):
+                if i == len(lens) or lens[order[i]] > 2 * max(lens[order[start]], 16):
+                    groups.append(torch.tensor(order[start:i]))
+                    start = i
+            last[:] = [context_lens, groups]
+        return last[1]
+
     def run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        n = q.shape[0]
-        if n <= 1 or not q.is_cpu:   # a host read on a GPU would sync the step
+        if q.shape[0] <= 1 or not q.is_cpu:   # a host read on a GPU would sync the step
             return decode(q, k_cache, v_cache, block_tables, context_lens, scale)
-        lens = context_lens.tolist()
-        order = sorted(range(n), key=lens.__getitem__)
-        groups, start = [], 0
-        for i in range(1, n + 1):
-            if i == n or lens[order[i]] > 2 * max(lens[order[start]], 16):
-                groups.append(order[start:i])
-                start = i
+        groups = groups_of(context_lens)
         if len(groups) == 1:
             return decode(q, k_cache, v_cache, block_tables, context_lens, scale)
         out = torch.empty_like(q)
-        for g in groups:
-            idx = torch.tensor(g)
+        for idx in groups:
             out[idx] = decode(q[idx], k_cache, v_cache, block_tables[idx], context_lens[idx], scale)
         return out
     return run
