@@ -71,8 +71,8 @@ def decode_rank(rank: int, d: int, model: str, num_tokens: int, device: str, add
 
     def landed(staged: Any) -> None:   # a channel thread: the request's frames are all here
         try:
-            for layer, a, b, k, v in staged.frames:
-                scatter_heads(cache, layer, a, b, k, v, blocks)
+            for frame in staged.frames:
+                scatter_heads(cache, frame, blocks)
             if cache.kv.is_cuda:
                 torch.cuda.synchronize()
         except Exception as exc:   # noqa: BLE001 - reported to the parent, which stops

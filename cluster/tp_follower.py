@@ -17,7 +17,7 @@ from kvtransfer.codec.format import dtype_name
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.staging import StagingArea
 from prefill_worker.streamer import KVStreamer
-from decode_worker.worker import scatter_heads
+from decode_worker.worker import check_frame, scatter_heads
 
 
 class TPFollower:
@@ -110,8 +110,9 @@ class TPFollower:
             self.staging.pop(request_id)
             blocks = torch.tensor(block_ids, dtype=torch.int64, device=self.runner.device)
             try:
-                for layer, a, b, k, v in staged.frames:
-                    scatter_heads(self.runner.kv_cache, layer, a, b, k, v, blocks)
+                for frame in staged.frames:
+                    check_frame(frame, staged.num_tokens, self.runner.model_config)
+                    scatter_heads(self.runner.kv_cache, frame, blocks)
             except (ValueError, RuntimeError):
                 failed = True
         gather_failures(self.runner.channel, self.size, failed)

@@ -26,7 +26,8 @@ from engine.scheduler import ScheduledBatch
 from engine.tensor_parallel import kv_heads_of
 from kvtransfer.codec.format import dtype_name
 from kvtransfer.receiver import KVReceiver
-from kvtransfer.staging import StagedRequest, StagingArea
+from kernels.reference import token_slots
+from kvtransfer.staging import StagedFrame, StagedRequest, StagingArea
 
 
 @dataclass
@@ -37,18 +38,23 @@ class Reservation:
     block_tensor: torch.Tensor
 
 
-def scatter_heads(kv_cache: Any, layer: int, a: int, b: int, k: torch.Tensor, v: torch.Tensor,
-                  blocks: torch.Tensor) -> None:
-    """K/V [num_tokens, b - a, head_dim] -> local heads a:b of the request's pages."""
-    k_cache, v_cache = kv_cache.layer(layer)
-    block_size = k_cache.shape[1]
-    pos = torch.arange(k.shape[0], device=k_cache.device)
-    slots = blocks[pos // block_size] * block_size + pos % block_size
-    dev = k_cache.device
-    # from pinned staging these copies are asynchronous and ordered before the next decode step
-    # on the same stream; the host allocator keeps the staging memory until they are done
-    k_cache.view(-1, *k_cache.shape[2:])[slots, a:b] = k.to(dev, k_cache.dtype, non_blocking=True)
-    v_cache.view(-1, *v_cache.shape[2:])[slots, a:b] = v.to(dev, v_cache.dtype, non_blocking=True)
+def scatter_heads(kv_cache: Any, frame: StagedFrame, blocks: torch.Tensor) -> None:
+    """A staged run of layers -> local heads a:b of the request's pages, in one copy to the
+    device and one indexed write for all its layers."""
+    n, kv = frame.kv.shape[0], frame.kv
+    run = kv_cache.kv[frame.first:frame.first + n]     # [n, 2, num_blocks, block_size, heads, head_dim]
+    slots = token_slots(blocks, run.shape[3], kv.shape[2])
+    # from pinned staging the copy is asynchronous and ordered before the next decode step on
+    # the same stream; the host allocator keeps the staging memory until it is done
+    run.view(n, 2, -1, *run.shape[4:])[:, :, slots, frame.a:frame.b] = kv.to(run.device, run.dtype, non_blocking=True)
+
+
+def check_frame(frame: StagedFrame, num_tokens: int, model_config: Any) -> None:
+    want = (2, num_tokens, frame.b - frame.a, model_config.head_dim)
+    n = frame.kv.shape[0]
+    if tuple(frame.kv.shape[1:]) != want or frame.first + n > model_config.num_layers:
+        raise ValueError(f"layers {frame.first}..{frame.first + n - 1}: KV has shape {tuple(frame.kv.shape)}, "
+                         f"expected [n, *{want}] within {model_config.num_layers} layers")
 
 
 class DecodeWorker(LLMEngine):
@@ -110,8 +116,8 @@ class DecodeWorker(LLMEngine):
         res = Reservation(staged.request_id, staged.num_tokens,
                           torch.tensor(block_ids, dtype=torch.int64, device=self.runner.device))
         try:
-            for layer, a, b, k, v in staged.frames:
-                self.write_layer(res, layer, (a, b), k, v)
+            for frame in staged.frames:
+                self.write_frame(res, frame)
             failed = self._admit_on_other_ranks(staged.request_id, block_ids)
             if failed:
                 raise ValueError(f"TP ranks {failed} of {self.name} did not receive their KV heads in time")
@@ -130,14 +136,10 @@ class DecodeWorker(LLMEngine):
         self.emit({"id": req.request_id, "kind": "kv_received", "t": now})
         staged.reply(True, None)
 
-    def write_layer(self, res: Reservation, layer_idx: int, heads: tuple[int, int], k: torch.Tensor,
-                    v: torch.Tensor) -> None:
-        """One staged frame into this rank's pages (a test seam for injected failures)."""
-        a, b = heads
-        if tuple(k.shape) != (res.num_tokens, b - a, self.model_config.head_dim):
-            raise ValueError(f"layer {layer_idx} K has shape {tuple(k.shape)}, expected "
-                             f"{(res.num_tokens, b - a, self.model_config.head_dim)}")
-        scatter_heads(self.runner.kv_cache, layer_idx, a, b, k, v, res.block_tensor)
+    def write_frame(self, res: Reservation, frame: StagedFrame) -> None:
+        """One staged run of layers into this rank's pages (a test seam for injected failures)."""
+        check_frame(frame, res.num_tokens, self.model_config)
+        scatter_heads(self.runner.kv_cache, frame, res.block_tensor)
 
     def _admit_on_other_ranks(self, request_id: str, block_ids: list[int]) -> list[int]:
         """TP > 1: the other ranks land their staged heads too; returns ranks that failed."""

@@ -46,7 +46,7 @@ def store_kv(
     v_flat[slots] = v[keep].to(v_cache.dtype)
 
 
-def _token_slots(block_ids: torch.Tensor, block_size: int, num_tokens: int) -> torch.Tensor:
+def token_slots(block_ids: torch.Tensor, block_size: int, num_tokens: int) -> torch.Tensor:
     """Flat slots of tokens 0..num_tokens-1 of a sequence whose pages are `block_ids`."""
     pos = torch.arange(num_tokens, device=block_ids.device)
     return block_ids.long()[pos // block_size] * block_size + pos % block_size
@@ -61,7 +61,7 @@ def gather_kv_blocks(
     """Copy the first `num_tokens` tokens held in pages `block_ids` out into contiguous
     `[num_tokens, num_kv_heads, head_dim]` tensors (K, V)."""
     block_size = k_cache.shape[1]
-    slots = _token_slots(block_ids, block_size, num_tokens)
+    slots = token_slots(block_ids, block_size, num_tokens)
     k = k_cache.view(-1, *k_cache.shape[2:])[slots]
     v = v_cache.view(-1, *v_cache.shape[2:])[slots]
     return k.contiguous(), v.contiguous()
@@ -77,7 +77,7 @@ def scatter_kv_blocks(
     """Inverse of gather_kv_blocks: token t goes to page block_ids[t // block_size], offset
     t % block_size. Slots past num_tokens in the last page are left untouched."""
     block_size = k_cache.shape[1]
-    slots = _token_slots(block_ids, block_size, k.shape[0])
+    slots = token_slots(block_ids, block_size, k.shape[0])
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k.to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v.to(v_cache.dtype)
 

@@ -2,8 +2,8 @@
 request to a `KVReceiver` over loopback, into host staging (pinned when the KV is bound for a
 GPU), with the channel's own framing, packing and threads.
 
-Bare socket throughput overstates the channel: packing, landing and the per-layer round of
-the sender thread cost as much as the wire at GPU rates. The planner's transfer model takes
+Bare socket throughput overstates the channel: packing, landing and the sender thread's
+round per run of layers cost as much as the wire at GPU rates. The planner's transfer model takes
 its link rate from here.
 
     rate = measure_channel(num_layers=32, num_kv_heads=8, head_dim=128, num_tokens=2048,
@@ -25,6 +25,16 @@ from kvtransfer.sender import KVSender
 from kvtransfer.staging import StagedRequest, StagingArea
 
 
+class _WholeRequest:
+    """A request's KV already in one tensor [num_layers, 2, tokens, heads, head_dim]."""
+
+    def __init__(self, kv: torch.Tensor) -> None:
+        self.kv = kv
+
+    def gather(self, first: int, count: int, ready: object) -> torch.Tensor:
+        return self.kv[first:first + count]
+
+
 @dataclass(frozen=True)
 class ChannelRate:
     bytes_per_s: float         # raw KV bytes per second, first layer queued -> last layer staged
@@ -41,8 +51,7 @@ def measure_channel(num_layers: int, num_kv_heads: int, head_dim: int, num_token
     back, as a busy prefill instance does, and time the channel's occupancy per request."""
     device = torch.device(device)
     layout = layout_of(num_layers, num_kv_heads, head_dim, dtype)
-    k = torch.randn(num_tokens, num_kv_heads, head_dim, device=device).to(dtype)
-    v = torch.randn(num_tokens, num_kv_heads, head_dim, device=device).to(dtype)
+    source = _WholeRequest(torch.randn(num_layers, 2, num_tokens, num_kv_heads, head_dim, device=device).to(dtype))
     landed: dict[str, threading.Event] = {}
     failures: list[str] = []
 
@@ -67,7 +76,7 @@ def measure_channel(num_layers: int, num_kv_heads: int, head_dim: int, num_token
                 landed[rid] = threading.Event()
                 sender.begin(rid, None, layout, level, num_tokens, (0, num_kv_heads))
                 for layer in range(num_layers):
-                    sender.send_layer(rid, layer, lambda: (k, v))
+                    sender.send_layer(rid, layer, source)
                 sender.done(rid, 0, {})
             for rid in rids:
                 if not landed[rid].wait(timeout_s) or failures:
@@ -79,5 +88,5 @@ def measure_channel(num_layers: int, num_kv_heads: int, head_dim: int, num_token
         sender.close()
         receiver.close()
     per_request = statistics.median(times)
-    raw_bytes = 2 * num_layers * num_tokens * num_kv_heads * head_dim * k.element_size()
+    raw_bytes = source.kv.numel() * source.kv.element_size()
     return ChannelRate(raw_bytes / per_request, per_request, num_tokens, level, in_flight)

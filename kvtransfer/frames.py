@@ -2,10 +2,12 @@
 
     frame = b"SSKF" | u32 header_len | u64 body_len | msgpack header | body
 
-Header types, prefill -> decode: begin {id, spec, layout, codec}, layer {id, layer},
-done {id, first_token, events}, abort {id, reason}. Decode -> prefill: ack {id}, nack {id, reason}.
-A `layer` body is either raw K||V bytes ([num_tokens, num_kv_heads, head_dim] each) or one
-codec section; `begin` carries the codec stream header as its body when a codec is used.
+Header types, prefill -> decode: begin {id, spec, layout, codec}, layers {id, first, count,
+sizes}, done {id, first_token, events}, abort {id, reason}. Decode -> prefill: ack {id}, nack
+{id, reason}. A `layers` body carries `count` consecutive layers from `first`: raw, each layer's
+K||V bytes ([num_tokens, num_kv_heads, head_dim] each) back to back (sizes is nil); coded, one
+codec section per layer, of the listed sizes. `begin` carries the codec stream header as its
+body when a codec is used.
 """
 
 from __future__ import annotations

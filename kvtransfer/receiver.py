@@ -2,7 +2,7 @@
 connected prefill rank, landing frames in a `StagingArea`.
 
 Per request and source: `begin` (layout of the head slice, codec header; on the control
-rank also the request itself), `layer` frames, then on the control channel `done` (first
+rank also the request itself), `layers` frames (a run of consecutive layers each), then on the control channel `done` (first
 token). The decode worker admits complete requests and answers through `StagedRequest.reply`
 (ack/nack on the control connection). `abort` or a broken control connection drops the
 request's staging, so nothing outlives a failed transfer.
@@ -19,7 +19,7 @@ import torch
 from kvtransfer.codec import ModelFingerprint
 from kvtransfer.frames import ChannelError, recv_frame, send_frame
 from kvtransfer.payload import LayerUnpacker
-from kvtransfer.staging import StagedRequest, StagingArea
+from kvtransfer.staging import StagedFrame, StagedRequest, StagingArea
 
 
 class KVReceiver:
@@ -78,7 +78,7 @@ class KVReceiver:
             return reply
 
         def land(header: dict[str, Any], nbytes: int) -> Any:
-            entry = unpackers.get(header.get("id")) if header.get("type") == "layer" else None
+            entry = unpackers.get(header.get("id")) if header.get("type") == "layers" else None
             return entry[0].landing_buffer(nbytes) if entry is not None else None
 
         def refuse(rid: str, reason: str) -> None:
@@ -112,22 +112,23 @@ class KVReceiver:
                         controlled.add(rid)
 
                     def on_begin(s: StagedRequest, h=header, n=num_tokens, e=expected, c=control, r=rid) -> None:
-                        s.num_tokens, s.expected_frames = n, e
+                        s.num_tokens, s.expected_layers = n, e
                         if c:
                             s.spec, s.reply = h["spec"], reply_fn(r)
                     self.staging.update(rid, on_begin)
-                elif kind == "layer":
+                elif kind == "layers":
                     entry = unpackers.get(rid)
                     if entry is None:
                         continue
                     unpacker, (lo, hi) = entry
                     try:
-                        k, v = unpacker.unpack(body)
-                    except (ValueError, RuntimeError) as exc:   # corrupt section (CodecError)
-                        refuse(rid, f"bad KV layer {header.get('layer')}: {exc}")
+                        first, count = int(header["first"]), int(header["count"])
+                        kv = unpacker.unpack_layers(body, first, count, header.get("sizes"))
+                    except (ValueError, RuntimeError, KeyError, TypeError) as exc:   # corrupt body (CodecError)
+                        refuse(rid, f"bad KV layers from {header.get('first')}: {exc}")
                         continue
-                    frame = (int(header["layer"]), lo - self.heads[0], hi - self.heads[0], k, v)
-                    self.staging.update(rid, lambda s, f=frame: s.frames.append(f))
+                    frame = StagedFrame(first, lo - self.heads[0], hi - self.heads[0], kv)
+                    self.staging.update(rid, lambda s, f=frame: s.add(f))
                 elif kind == "done":
                     unpackers.pop(rid, None)
                     done = (int(header["first_token"]), header.get("events") or {})

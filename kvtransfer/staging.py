@@ -3,7 +3,7 @@ ranks, and move into paged blocks when the decode instance admits the request.
 
 Staging decouples the network from block allocation: a transfer never waits for decode
 memory, and a decode rank never needs block ids before the data arrives. A request is
-complete when every (layer, source) frame has landed and, on the control rank, `done` too.
+complete when every layer from every source has landed and, on the control rank, `done` too.
 """
 
 from __future__ import annotations
@@ -16,19 +16,33 @@ from typing import Any, Callable
 import torch
 
 
+@dataclass(frozen=True)
+class StagedFrame:
+    """A run of layers from one source: local heads a:b of layers first..first+n-1."""
+    first: int
+    a: int
+    b: int
+    kv: torch.Tensor          # [n, 2, num_tokens, b - a, head_dim]; host, or the decode GPU
+
+
 @dataclass
 class StagedRequest:
     request_id: str
     num_tokens: int = 0
-    expected_frames: int | None = None        # num_layers x sources; known once a begin arrived
-    frames: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    expected_layers: int | None = None        # num_layers x sources; known once a begin arrived
+    frames: list[StagedFrame] = field(default_factory=list)
+    landed_layers: int = 0
     spec: dict[str, Any] | None = None        # control rank only
     done: tuple[int, dict[str, float]] | None = None
     reply: Callable[[bool, str | None], None] | None = None   # ack/nack to the prefill side
     created: float = field(default_factory=time.monotonic)
 
+    def add(self, frame: StagedFrame) -> None:
+        self.frames.append(frame)
+        self.landed_layers += frame.kv.shape[0]
+
     def complete(self, control: bool) -> bool:
-        landed = self.expected_frames is not None and len(self.frames) >= self.expected_frames
+        landed = self.expected_layers is not None and self.landed_layers >= self.expected_layers
         return landed and (not control or (self.done is not None and self.spec is not None))
 
 

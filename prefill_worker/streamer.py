@@ -1,19 +1,53 @@
 """The prefill side of KV transfer for one rank: which heads go to which decode rank
 (a `ReshardPlan` per decode instance), one `KVSender` channel per decode rank, and the gather
-of a layer's head slice from this rank's paged cache. Rank 0 and the other TP ranks of a
+of a request's head slice, a run of layers at a time, from this rank's paged cache. Rank 0 and the other TP ranks of a
 prefill instance each run one; only rank 0's channel to decode rank 0 carries control."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from engine.kv_cache import KVCache
-from kernels.reference import gather_kv_blocks
+from kernels.reference import token_slots
 from kvtransfer.payload import layout_of
 from kvtransfer.reshard import ReshardPlan
 from kvtransfer.sender import KVSender, ResultCallback
+
+
+class PagedKVSource:
+    """One request's KV heads a:b in this rank's paged cache, read a run of layers at a time
+    on a channel's thread. On a GPU the gather runs on a side stream after the run's last layer
+    (`ready`), overlapping the remaining layers' compute, and the result stays on the GPU (the
+    codec codes it there; raw goes out through pinned memory)."""
+
+    def __init__(self, kv: torch.Tensor, block_ids: list[int], num_tokens: int, heads: tuple[int, int],
+                 side_stream: Any) -> None:
+        self.kv = kv                      # [num_layers, 2, num_blocks, block_size, heads, head_dim]
+        self.block_ids, self.num_tokens = list(block_ids), num_tokens
+        self.heads = heads
+        self.side_stream = side_stream
+        self._slots: torch.Tensor | None = None
+
+    def gather(self, first: int, count: int, ready: Any) -> torch.Tensor:
+        if self.side_stream is None:
+            return self._gather(first, count)
+        with torch.cuda.stream(self.side_stream):
+            if ready is not None:
+                self.side_stream.wait_event(ready)
+            kv = self._gather(first, count)
+        self.side_stream.synchronize()
+        return kv
+
+    def _gather(self, first: int, count: int) -> torch.Tensor:
+        if self._slots is None:
+            blocks = torch.tensor(self.block_ids, dtype=torch.int64, device=self.kv.device)
+            self._slots = token_slots(blocks, self.kv.shape[3], self.num_tokens)
+        run = self.kv[first:first + count]
+        run = run.view(count, 2, -1, *run.shape[4:])[:, :, self._slots]   # [count, 2, tokens, heads, head_dim]
+        a, b = self.heads
+        return run if (a, b) == (0, run.shape[3]) else run[:, :, :, a:b].contiguous()
 
 
 class KVStreamer:
@@ -27,6 +61,7 @@ class KVStreamer:
         self.link_gbps, self.timeout_s = link_gbps, timeout_s
         self.plans: dict[str, ReshardPlan] = {}
         self.channels: dict[tuple[str, int], KVSender] = {}
+        self._sources: dict[tuple[str, str, int], PagedKVSource] = {}   # (request, decode, dst rank)
         self.side_stream = torch.cuda.Stream(kv_cache.kv.device) if kv_cache.kv.is_cuda else None
 
     def connect(self, peers: dict[str, dict[str, Any]]) -> None:
@@ -58,41 +93,23 @@ class KVStreamer:
                    ready: Any = None) -> None:
         # called on the loop thread between a forward pass's layers: nothing here may wait for
         # the GPU (a device tensor made from a list would sync the model's stream every layer)
-        k_cache, v_cache = self.kv_cache.layer(layer)
         for dst, (lo, hi) in self.plans[decode].routes(self.rank):
-            a, b = lo - self.my_heads[0], hi - self.my_heads[0]
-            self.channels[(decode, dst)].send_layer(rid, layer, self._gather(k_cache, v_cache, block_ids, num_tokens,
-                                                                             a, b, ready))
-
-    def _gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: list[int], num_tokens: int,
-                a: int, b: int, ready: Any) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        """The layer's heads a:b, gathered on the channel's thread when it is the layer's turn."""
-        whole = (a, b) == (0, k_cache.shape[2])
-
-        def gather() -> tuple[torch.Tensor, torch.Tensor]:
-            if self.side_stream is None:
-                blocks = torch.tensor(block_ids, dtype=torch.int64)
-                k, v = gather_kv_blocks(k_cache, v_cache, blocks, num_tokens)
-                return (k, v) if whole else (k[:, a:b].contiguous(), v[:, a:b].contiguous())
-            # on a side stream, after the layer's compute: overlaps the remaining layers.
-            # The tensors stay on the GPU: the codec codes them there; raw goes to the host.
-            with torch.cuda.stream(self.side_stream):
-                blocks = torch.tensor(block_ids, dtype=torch.int64, device=k_cache.device)
-                if ready is not None:
-                    self.side_stream.wait_event(ready)
-                k, v = gather_kv_blocks(k_cache, v_cache, blocks, num_tokens)
-                if not whole:
-                    k, v = k[:, a:b].contiguous(), v[:, a:b].contiguous()
-                self.side_stream.synchronize()
-            return k, v
-        return gather
+            key = (rid, decode, dst)
+            source = self._sources.get(key)
+            if source is None:
+                a, b = lo - self.my_heads[0], hi - self.my_heads[0]
+                source = self._sources[key] = PagedKVSource(self.kv_cache.kv, block_ids, num_tokens, (a, b),
+                                                            self.side_stream)
+            self.channels[(decode, dst)].send_layer(rid, layer, source, ready)
 
     def done(self, rid: str, decode: str, first_token: int, events: dict[str, float]) -> None:
         for dst, _ in self.plans[decode].routes(self.rank):
+            self._sources.pop((rid, decode, dst), None)
             self.channels[(decode, dst)].done(rid, first_token, events)
 
     def abort(self, rid: str, decode: str, reason: str) -> None:
         for dst, _ in self.plans[decode].routes(self.rank):
+            self._sources.pop((rid, decode, dst), None)
             self.channels[(decode, dst)].abort(rid, reason)
 
     def close(self) -> None:

@@ -19,17 +19,17 @@ def test_aborts_and_failed_transfers_leak_nothing(monkeypatch, prompts):
     rng = random.Random(3)
     doomed: set[str] = set()   # requests whose KV arrives corrupt at every decode instance
     flaky: dict[str, int] = {}  # requests whose first transfer fails, then succeed on retry
-    real_write = DecodeWorker.write_layer
+    real_write = DecodeWorker.write_frame
 
-    def write_layer(self, res, layer_idx, heads, k, v):
+    def write_frame(self, res, frame):
         rid = res.request_id
         if rid in doomed or (rid in flaky and flaky[rid] == 0):
-            if layer_idx == 3:
+            if frame.first <= 3 < frame.first + frame.kv.shape[0]:
                 flaky[rid] = flaky.get(rid, 0) + 1 if rid in flaky else 0
                 raise ValueError("injected: corrupt KV section")
-        return real_write(self, res, layer_idx, heads, k, v)
+        return real_write(self, res, frame)
 
-    monkeypatch.setattr(DecodeWorker, "write_layer", write_layer)
+    monkeypatch.setattr(DecodeWorker, "write_frame", write_frame)
     cluster = Cluster.in_process(cluster_config(kv_transfer={"max_retries": 1}))
     try:
         ids = []
