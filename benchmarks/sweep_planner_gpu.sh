@@ -11,7 +11,9 @@
 # did not finish in 240 s on 2x H200: starting the GPU cluster is slow); SLOW_RUNS= skips the
 # slow-link runs (default: plan_slow plan_slow_alt). FACTORS: the swept rates as multiples of
 # each plan's predicted goodput. PROFILE=path reuses a profile; SWITCH_MS=x also sweeps the
-# disaggregated plan with engine.switch_interval_ms=x. PLAN_FLAGS: extra plan flags (default --tp 1: TP>1 would be
+# disaggregated plan with engine.switch_interval_ms=x. SWEEP_MODES=disagg,colocated sweeps the chosen plan's
+# GPUs in those modes (default: the plan's own). DURATION=s: each point lasts at least s seconds of
+# arrivals (the planner's capacity search simulates ~8 s of sustained load). PLAN_FLAGS: extra plan flags (default --tp 1: TP>1 would be
 # derived from TP 1, and measured TP>1 decode steps are slower in this build).
 set -u
 OUT=${OUT:-runs/planner_gpu}; GPUS=${GPUS:-2}; LIMIT_S=${LIMIT_S:-540}; SMOKE=${SMOKE:-0}
@@ -35,7 +37,7 @@ kv_transfer: {transport: tcp, codec: raw, timeout_s: 60}
 slo: $SLO
 YAML
 sed "s/codec: raw, timeout_s: 60/codec: raw, link_gbps: $LINK, timeout_s: 60/" $W/base.yaml > $W/base_slow.yaml
-COMMON="--workload $TRACE --max-output-tokens $MAXO --max-prompt-tokens $MAXP --gpus-per-node $GPUS"
+COMMON="--workload $TRACE --max-output-tokens $MAXO --max-prompt-tokens $MAXP --gpus-per-node $GPUS --duration ${DURATION:-0}"
 echo "== profile ($(left) s left)"
 if [ -n "${PROFILE:-}" ]; then cp $PROFILE $W/profile.json; echo "profile: $PROFILE"; else
 timeout 300 splitserve profile $W/base.yaml --quick ${PROFILE_FLAGS:-} --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt; fi
@@ -70,7 +72,8 @@ fi
 for name in $SWEEPS; do
   [ $(left) -lt 90 ] && { echo "skip $name: out of time"; continue; }
   echo "== sweep $name at $(cat $W/$name.rates) ($(left) s left)"
-  timeout $(( $(left) - 30 )) splitserve sweep $W/$name.yaml --rates $(cat $W/$name.rates) --num-requests $NREQ $COMMON \
+  MODES_FLAG=""; [ "$name" = plan_fast ] && [ -n "${SWEEP_MODES:-}" ] && MODES_FLAG="--modes $SWEEP_MODES"
+  timeout $(( $(left) - 30 )) splitserve sweep $W/$name.yaml --rates $(cat $W/$name.rates) --num-requests $NREQ $COMMON $MODES_FLAG \
     --profile $W/profile.json --timeout 60 --out $W/sweep_$name 2>$W/sweep_$name.log | tee $W/sweep_$name.txt
 done
 for name in ${SLOW_RUNS-plan_slow plan_slow_alt}; do

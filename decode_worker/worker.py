@@ -39,13 +39,13 @@ class Reservation:
 
 
 def scatter_heads(kv_cache: Any, frame: StagedFrame, blocks: torch.Tensor) -> None:
-    """A staged run of layers -> local heads a:b of the request's pages, in one copy to the
-    device and one indexed write for all its layers."""
+    """A staged run of layers -> local heads a:b of the request's pages, one indexed write for
+    all its layers. KV bound for a GPU is staged there already (kvtransfer.payload.DeviceEntry)."""
     n, kv = frame.kv.shape[0], frame.kv
     run = kv_cache.kv[frame.first:frame.first + n]     # [n, 2, num_blocks, block_size, heads, head_dim]
     slots = token_slots(blocks, run.shape[3], kv.shape[2])
-    # from pinned staging the copy is asynchronous and ordered before the next decode step on
-    # the same stream; the host allocator keeps the staging memory until it is done
+    if kv.is_cuda:   # staged on a receiver's stream: its memory must outlive this stream's use
+        kv.record_stream(torch.cuda.current_stream(kv.device))
     run.view(n, 2, -1, *run.shape[4:])[:, :, slots, frame.a:frame.b] = kv.to(run.device, run.dtype, non_blocking=True)
 
 

@@ -85,28 +85,53 @@ class LayerPacker:
         return body[0] if isinstance(body, list) else body
 
 
+class DeviceEntry:
+    """How raw KV bound for a GPU lands, per connection: in one pinned buffer that grows to the
+    largest run and is reused, then copied to the device on the connection's own stream at
+    once, so that staging holds device tensors and the buffer is free for the next frame.
+    (Pinning fresh memory for each frame was the slow part: a decode rank hit by a burst spent
+    seconds in it before its host allocator's cache filled.)"""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._pinned: torch.Tensor | None = None
+        self._stream: torch.cuda.Stream | None = None
+
+    def landing(self, nbytes: int) -> torch.Tensor | None:
+        """A pinned buffer of nbytes, valid until the next call; None (land in pageable memory)
+        when pinning is refused, e.g. host memory exhausted."""
+        if self._pinned is None or self._pinned.numel() < nbytes:
+            grown = max(nbytes, 2 * self._pinned.numel()) if self._pinned is not None else nbytes
+            self._pinned = None
+            try:
+                self._pinned = torch.empty(grown, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError:
+                return None
+        return self._pinned[:nbytes]
+
+    def to_device(self, kv: torch.Tensor) -> torch.Tensor:
+        """kv on the device, complete on return (so its landing buffer can be reused)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            out = kv.to(self.device, non_blocking=True)
+        self._stream.synchronize()
+        return out
+
+
 class LayerUnpacker:
     """Receiver side: body -> KV [n, 2, num_tokens, num_kv_heads, head_dim]; raises ValueError
-    (CodecError) on a bad body. Raw bodies stay on the host (views of the received bytes);
-    coded ones are decoded on `device` when it is a GPU and the level has a device path (ready
+    (CodecError) on a bad body. Raw bodies come back as views of the received bytes; coded ones are decoded on `device` when it is a GPU and the level has a device path (ready
     on return: the decoder syncs its side stream), else on the CPU."""
 
     def __init__(self, layout: ModelFingerprint, level: str, num_tokens: int, stream_header: bytes,
                  device: torch.device | str | None = None) -> None:
         self.layout, self.num_tokens = layout, num_tokens
         self.decoder = None if level == "raw" else KVDecoder(stream_header, expect=layout, device=device)
-        self.pinned = device is not None and torch.device(device).type == "cuda"
 
-    def landing_buffer(self, nbytes: int) -> torch.Tensor | None:
-        """Where a raw body should be received: pinned host memory when the KV is bound for a
-        GPU, so that admission copies it at full PCIe speed (and no fresh pages fault in);
-        None means a plain bytearray."""
-        if self.decoder is None and self.pinned:
-            try:
-                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-            except RuntimeError:   # pinning refused (e.g. host memory exhausted): pageable still works
-                return None
-        return None
+    @property
+    def raw(self) -> bool:
+        return self.decoder is None
 
     def unpack_layers(self, body: bytearray | torch.Tensor, first: int, count: int,
                       sizes: Sequence[int] | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from kvtransfer.codec import ModelFingerprint
 from kvtransfer.frames import ChannelError, recv_frame, send_frame
-from kvtransfer.payload import LayerUnpacker
+from kvtransfer.payload import DeviceEntry, LayerUnpacker
 from kvtransfer.staging import StagedFrame, StagedRequest, StagingArea
 
 
@@ -77,9 +77,12 @@ class KVReceiver:
                     pass
             return reply
 
+        # KV bound for a GPU goes there as soon as it lands (see DeviceEntry)
+        to_gpu = DeviceEntry(self.device) if self.device is not None and torch.device(self.device).type == "cuda" else None
+
         def land(header: dict[str, Any], nbytes: int) -> Any:
             entry = unpackers.get(header.get("id")) if header.get("type") == "layers" else None
-            return entry[0].landing_buffer(nbytes) if entry is not None else None
+            return to_gpu.landing(nbytes) if to_gpu is not None and entry is not None and entry[0].raw else None
 
         def refuse(rid: str, reason: str) -> None:
             unpackers.pop(rid, None)
@@ -124,6 +127,8 @@ class KVReceiver:
                     try:
                         first, count = int(header["first"]), int(header["count"])
                         kv = unpacker.unpack_layers(body, first, count, header.get("sizes"))
+                        if to_gpu is not None and not kv.is_cuda:
+                            kv = to_gpu.to_device(kv)
                     except (ValueError, RuntimeError, KeyError, TypeError) as exc:   # corrupt body (CodecError)
                         refuse(rid, f"bad KV layers from {header.get('first')}: {exc}")
                         continue

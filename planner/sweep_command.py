@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="profile.json for the simulator (else roofline)")
     p.add_argument("--workload", default="sharegpt")
     p.add_argument("--num-requests", type=int, default=40)
+    p.add_argument("--duration", type=float, default=0.0,
+                   help="seconds of arrivals per point at least (rate x duration requests, when more than "
+                        "--num-requests): a sustained load, as the planner's capacity search simulates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--max-output-tokens", type=int, default=128)
@@ -67,6 +71,11 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
+def points_requests(rate: float, num_requests: int, duration_s: float) -> int:
+    """Requests at one point: --num-requests, or enough for --duration seconds of arrivals."""
+    return max(num_requests, math.ceil(rate * duration_s))
+
+
 def num_gpus(config: ClusterConfig) -> int:
     """GPUs (or CPU instances) in both pools: the per-GPU denominator."""
     return config.prefill.instances * config.prefill.tp + config.decode.instances * config.decode.tp
@@ -83,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
         source = base.model.source
         tokenizer = source.tokenizer()
         model = source.model_config()
-        items = load_workload(args.workload, args.num_requests, tokenizer, args.seed, args.max_prompt_tokens,
+        counts = {r: points_requests(r, args.num_requests, args.duration)
+                  for r in ([float(r) for r in args.rates.split(",")] if args.rates else [args.rate])}
+        items = load_workload(args.workload, max(counts.values()), tokenizer, args.seed, args.max_prompt_tokens,
                               args.max_output_tokens, model.vocab_size)
         profile = json.loads(Path(args.profile).read_text()) if args.profile else None
         perf = build_perf(base, model, profile)
@@ -115,16 +126,17 @@ def run(args: argparse.Namespace) -> int:
                          gamma_arrivals(n, rates[0], args.seed + 1), args.timeout)
         try:
             for rate in rates:
-                arrivals = gamma_arrivals(len(items), rate, args.seed)
+                n = counts[rate]
+                arrivals = gamma_arrivals(n, rate, args.seed)
                 point = out / f"{mode}_rate{rate:g}"
                 sim_records = simulate(config, sim_setup(config, perf, Budget(max(gpus, 1), args.gpus_per_node)),
-                                       lens, outs, arrivals)
+                                       lens[:n], outs[:n], arrivals)
                 bar.step(f"{mode} @ {rate:g} req/s simulated")
                 real_records: list[RequestRecord] | None = None
                 duration = None
                 if cluster is not None:
                     before = _loop_snapshot(cluster)
-                    real_records, duration = _measure(cluster, prompts, outs, arrivals, args.timeout)
+                    real_records, duration = _measure(cluster, prompts[:n], outs[:n], arrivals, args.timeout)
                     write_run(point, real_records, summarize(real_records, config.slo.ttft_s, config.slo.tpot_s,
                                                              rate, duration))
                     (point / "loops.json").write_text(json.dumps(_loop_use(before, _loop_snapshot(cluster)), indent=1))

@@ -123,13 +123,12 @@ def test_graph_capture_leaves_other_threads_free_to_pin_memory():
     pinned memory; a capture must not make those allocations fail (they did in global mode)."""
     import threading
 
-    from kvtransfer.payload import LayerUnpacker, layout_of
-    unpacker = LayerUnpacker(layout_of(1, 1, 128, torch.bfloat16), "raw", 64, b"", device="cuda")
+    from kvtransfer.payload import DeviceEntry
     landed, stop = [], threading.Event()
 
     def receiver() -> None:
         while not stop.is_set():
-            landed.append(unpacker.landing_buffer(1 << 20))
+            landed.append(DeviceEntry("cuda").landing(1 << 20))
     thread = threading.Thread(target=receiver)
     thread.start()
     try:

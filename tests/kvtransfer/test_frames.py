@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvtransfer.frames import ChannelError, body_nbytes, recv_frame, send_frame
-from kvtransfer.payload import LayerPacker, LayerUnpacker, layout_of
+from kvtransfer.payload import DeviceEntry, LayerPacker, LayerUnpacker, layout_of
 
 
 def test_parts_arrive_as_one_body_in_the_callers_buffer():
@@ -36,7 +36,6 @@ def test_raw_layer_round_trip_through_a_landing_buffer(dtype):
     k, v = torch.randn(7, 3, 8).to(dtype), torch.randn(7, 3, 8).to(dtype)
     body = LayerPacker(layout, "raw", 7).pack(0, k, v)
     unpacker = LayerUnpacker(layout, "raw", 7, b"")
-    assert unpacker.landing_buffer(len(body)) is None      # CPU-bound KV lands in a bytearray
     target = torch.empty(len(body), dtype=torch.uint8)
     target.numpy()[:] = memoryview(body)
     k2, v2 = unpacker.unpack(target)
@@ -46,11 +45,9 @@ def test_raw_layer_round_trip_through_a_landing_buffer(dtype):
 
 
 def test_a_refused_pinned_landing_falls_back_to_pageable_memory(monkeypatch):
-    layout = layout_of(1, 2, 4, torch.float32)
-    unpacker = LayerUnpacker(layout, "raw", 3, b"")
-    unpacker.pinned = True     # as on a GPU decode rank
+    entry = DeviceEntry("cuda")      # as on a GPU decode rank
 
     def refuse(*args, **kwargs):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
     monkeypatch.setattr(torch, "empty", refuse)
-    assert unpacker.landing_buffer(96) is None
+    assert entry.landing(96) is None
