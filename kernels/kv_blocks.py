@@ -31,7 +31,7 @@ __all__ = ["gather_kv_blocks", "scatter_kv_blocks"]
 _BLOCK = 4096
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_elems"])   # varies per request: no recompiles while serving
 def _kv_blocks_copy_kernel(
     k_cache_ptr, v_cache_ptr, k_ptr, v_ptr, block_ids_ptr,
     num_elems,                   # num_tokens * TOKEN_ELEMS, a host int (i64 when it needs to be)

@@ -26,7 +26,7 @@ import triton.language as tl
 __all__ = ["store_kv"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])   # varies per step: no recompiles while serving
 def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_tokens,
     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
