@@ -13,7 +13,8 @@
 # each plan's predicted goodput. PROFILE=path reuses a profile; SWITCH_MS=x also sweeps the
 # disaggregated plan with engine.switch_interval_ms=x. SWEEP_MODES=disagg,colocated sweeps the chosen plan's
 # GPUs in those modes (default: the plan's own). DURATION=s: each point lasts at least s seconds of
-# arrivals (the planner's capacity search simulates ~8 s of sustained load). PLAN_FLAGS: extra plan flags (default --tp 1: TP>1 would be
+# arrivals (the planner's capacity search simulates ~8 s of sustained load). WARMUP=n: unmeasured trace
+# requests before the first point (default 24). PLAN_FLAGS: extra plan flags (default --tp 1: TP>1 would be
 # derived from TP 1, and measured TP>1 decode steps are slower in this build).
 set -u
 OUT=${OUT:-runs/planner_gpu}; GPUS=${GPUS:-2}; LIMIT_S=${LIMIT_S:-540}; SMOKE=${SMOKE:-0}
@@ -37,7 +38,7 @@ kv_transfer: {transport: tcp, codec: raw, timeout_s: 60}
 slo: $SLO
 YAML
 sed "s/codec: raw, timeout_s: 60/codec: raw, link_gbps: $LINK, timeout_s: 60/" $W/base.yaml > $W/base_slow.yaml
-COMMON="--workload $TRACE --max-output-tokens $MAXO --max-prompt-tokens $MAXP --gpus-per-node $GPUS --duration ${DURATION:-0}"
+COMMON="--workload $TRACE --max-output-tokens $MAXO --max-prompt-tokens $MAXP --gpus-per-node $GPUS --duration ${DURATION:-0} --warmup ${WARMUP:-24}"
 echo "== profile ($(left) s left)"
 if [ -n "${PROFILE:-}" ]; then cp $PROFILE $W/profile.json; echo "profile: $PROFILE"; else
 timeout 300 splitserve profile $W/base.yaml --quick ${PROFILE_FLAGS:-} --codecs raw,lossless,int8,default --out $W/profile.json 2>$W/profile.log | tee $W/profile.txt; fi

@@ -72,6 +72,15 @@ class EngineProfiler:
         self.sync = torch.cuda.synchronize if cuda else (lambda: None)
         self.repeats = 3 if quick or not cuda else 5
 
+    def close(self) -> None:
+        """Give the engine's device memory back (the serving phase starts a cluster on this GPU:
+        with the profiling engine's weights and cache still held, its instances ran out of memory)."""
+        self.engine = None
+        if self.config.device == "cuda":
+            import gc
+            gc.collect()
+            torch.cuda.empty_cache()
+
     def _add(self, n: int, length: int, max_tokens: int) -> list[Any]:
         return [self.engine.add_request([1 + (i * 7 + j) % self.vocab for j in range(length)],
                                         SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for i in range(n)]
@@ -305,6 +314,8 @@ def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] 
     log(f"  KV channel: {link['bytes_per_s'] / 1e9:.2f} GB/s + {link['per_layer_s'] * 1e6:.0f} us per layer "
         f"busy, +{link['latency_s'] * 1e3:.1f} ms latency alone (bare loopback socket {socket_rate / 1e9:.2f} GB/s)")
     codec = codec_rates(layers, levels)
+    del layers
+    prof.close()
     name = torch.cuda.get_device_name() if config.device == "cuda" else "cpu"
     colocation = None
     if config.device == "cpu":
