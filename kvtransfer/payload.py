@@ -87,10 +87,10 @@ class LayerPacker:
 
 class DeviceEntry:
     """How raw KV bound for a GPU lands, per connection: in one pinned buffer that grows to the
-    largest run and is reused, then copied to the device on the connection's own stream at
-    once, so that staging holds device tensors and the buffer is free for the next frame.
-    (Pinning fresh memory for each frame was the slow part: a decode rank hit by a burst spent
-    seconds in it before its host allocator's cache filled.)"""
+    largest run and is reused (pinning memory costs far more than copying into memory already
+    pinned, and a fresh buffer per frame pinned new memory whenever the host allocator's cache
+    had no free block of the size), then copied to the device on the connection's own stream at
+    once, so that staging holds device tensors and the buffer is free for the next frame."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)

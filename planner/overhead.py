@@ -115,20 +115,12 @@ def _admission_cost(cluster: Any, model: StepModel, prompt_len: int, log: Callab
     for k in range(joiners):
         rid = cluster.submit(prompt(6000 + k), SamplingParams(max_tokens=3, ignore_eos=True), on_event=on_event)
         cluster.wait([rid], timeout_s=20)
-        pause = time.monotonic() + 0.5
+        pause = time.monotonic() + 0.1
         while time.monotonic() < pause:
             cluster.frontend.poll(0.05)
     for rid in running:
         cluster.frontend.abort(rid)
-    ts = sorted(steps)
-    plain, admitting = [], []
-    for a, b in zip(ts, ts[1:]):
-        extra = (b - a) - model.decode_time(steps[b], steps[b] * prompt_len * 1.5)
-        inside = sum(1 for t in admits if a < t <= b)
-        if inside == 1:
-            admitting.append(extra)
-        elif inside == 0 and steps[b] == batch and steps[a] == batch:
-            plain.append(extra)
+    admitting, plain = admission_gaps(steps, admits, batch, prompt_len, model)
     if not plain or not admitting:
         return 0.0, {}
     cost = max(0.0, statistics.median(admitting) - statistics.median(plain))
@@ -136,6 +128,24 @@ def _admission_cost(cluster: Any, model: StepModel, prompt_len: int, log: Callab
         f"the model; plain steps {statistics.median(plain) * 1e3:+.0f} ms")
     return cost, {"admitting_excess_s": statistics.median(admitting), "plain_excess_s": statistics.median(plain),
                   "num_admitting": len(admitting), "num_plain": len(plain)}
+
+
+def admission_gaps(steps: dict[float, int], admits: list[float], batch: int, prompt_len: int,
+                   model: StepModel) -> tuple[list[float], list[float]]:
+    """Seconds over the model of the gaps between decode steps (step time -> tokens in it)
+    that admit one request, and of plain full-batch gaps."""
+    ts = sorted(steps)
+    plain, admitting = [], []
+    for a, b in zip(ts, ts[1:]):
+        extra = (b - a) - model.decode_time(steps[b], steps[b] * prompt_len * 1.5)
+        inside = sum(1 for t in admits if a < t <= b)
+        # only while the batch still decodes on both sides: once it has finished (GPU steps are
+        # short), the gap before a joiner's first step is idle time, not admission work
+        if inside == 1 and steps[a] >= batch and steps[b] >= batch:
+            admitting.append(extra)
+        elif inside == 0 and steps[b] == batch and steps[a] == batch:
+            plain.append(extra)
+    return admitting, plain
 
 
 def _submit(cluster: Any, base: int, n: int, prompt_len: int, output_len: int) -> list[tuple[str, dict[float, int]]]:
