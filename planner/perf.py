@@ -61,7 +61,7 @@ class Perf:
             bps = min(bps, network_gbps * 1e9 / 8)
         if emulated_gbps:
             bps = min(bps, emulated_gbps * 1e9 / 8)
-        return LinkModel(kind, bps, self.tcp.per_layer_s, self.tcp.latency_s)
+        return LinkModel(kind, bps, self.tcp.per_layer_s, self.tcp.latency_s, self.tcp.per_run_s)
 
     def kv_blocks(self, config: ClusterConfig, pool: PoolSection) -> int:
         if pool.kv_blocks is not None:
@@ -100,12 +100,14 @@ def build_perf(config: ClusterConfig, model: ModelConfig, profile: dict[str, Any
         encode_bytes_per_s=rates("encode"), decode_bytes_per_s=rates("decode"),
         encode_per_layer_s={k: v["encode_per_layer_s"] for k, v in codec.items() if "encode_per_layer_s" in v},
         decode_per_layer_s={k: v["decode_per_layer_s"] for k, v in codec.items() if "decode_per_layer_s" in v},
+        encode_per_run_s={k: v["encode_per_run_s"] for k, v in codec.items() if "encode_per_run_s" in v},
+        decode_per_run_s={k: v["decode_per_run_s"] for k, v in codec.items() if "decode_per_run_s" in v},
         copy_bytes_per_s=profile.get("copy_bytes_per_s"),
         codec_on_device=any(v.get("device") == "cuda" for v in codec.values()))
     tcp = profile.get("links", {}).get("tcp")
     if tcp:
         perf.tcp = LinkModel("tcp", float(tcp["bytes_per_s"]), float(tcp.get("per_layer_s", 0.0)),
-                             float(tcp.get("latency_s", 0.0)))
+                             float(tcp.get("latency_s", 0.0)), float(tcp.get("per_run_s", 0.0)))
     served = (profile.get("serving_overhead") or {}).get("kv_transfer")
     if served and tcp:
         perf.tcp = calibrate_link(perf.tcp, perf.transfer, served, perf.notes)
@@ -123,7 +125,7 @@ def build_perf(config: ClusterConfig, model: ModelConfig, profile: dict[str, Any
 def calibrate_link(link: LinkModel, transfer: TransferModel, served: dict[str, float], notes: list[str]) -> LinkModel:
     """The probed channel, slowed to what a request's transfer took inside the running cluster
     (serving_overhead.kv_transfer) where that was slower: the isolated probe does not see the
-    busy instance around the channel. Both the wire rate and the per-message cost scale."""
+    busy instance around the channel. The wire rate and the per-message costs scale alike."""
     tokens = served["raw_bytes"] / transfer.kv_bytes_per_token
     modeled = transfer.total_time(int(round(tokens)), "raw", link)
     factor = served["served_s"] / modeled if modeled > 0 else 1.0
@@ -131,4 +133,5 @@ def calibrate_link(link: LinkModel, transfer: TransferModel, served: dict[str, f
         return link
     notes.append(f"KV channel slowed x{factor:.2f}: a {tokens:.0f}-token transfer took {served['served_s'] * 1e3:.0f} ms "
                  f"in the running cluster vs {modeled * 1e3:.0f} ms modeled from the probe")
-    return LinkModel(link.name, link.bytes_per_s / factor, link.per_layer_s * factor, link.latency_s)
+    return LinkModel(link.name, link.bytes_per_s / factor, link.per_layer_s * factor, link.latency_s,
+                     link.per_run_s * factor)

@@ -147,11 +147,11 @@ def channel_link(model: ModelConfig, dtype: torch.dtype, device: str, max_tokens
                  copy_bytes_per_s: float | None) -> dict[str, float]:
     """The KV channel as the transfer model sees it, from the real channel
     (kvtransfer.channel_probe) at two request sizes: with requests queued back to back, how
-    long each occupies it (bytes/s on the wire plus a fixed cost per layer message); alone,
-    how much longer one takes to land (`latency_s`: thread hand-offs and round trips that
-    overlap the next request's layers, so they delay a request without using the channel).
-    The sender's device-to-host copy is in the probe's time, and the model counts it
-    separately, so it is taken out of the wire rate."""
+    long each occupies it (bytes/s on the wire plus a fixed cost per message: the probe's
+    layers are all queued at once, so each request goes as one run); alone, how much longer one
+    takes to land (`latency_s`: thread hand-offs and round trips that overlap the next request,
+    so they delay a request without using the channel). The sender's device-to-host copy is in
+    the probe's time, and the model counts it separately, so it is taken out of the wire rate."""
     from kvtransfer.channel_probe import measure_channel
     small, large = 256, max(512, min(2048, max_tokens))
 
@@ -160,7 +160,7 @@ def channel_link(model: ModelConfig, dtype: torch.dtype, device: str, max_tokens
                                in_flight=in_flight)
     busy = [probe(n, 4) for n in (small, large)]
     alone = [probe(n, 1) for n in (small, large)]
-    points = [(r.bytes_per_s * r.per_request_s / model.num_layers, r.per_request_s / model.num_layers) for r in busy]
+    points = [(r.bytes_per_s * r.per_request_s, r.per_request_s) for r in busy]
     latency = min(max(0.0, a.per_request_s - b.per_request_s) for a, b in zip(alone, busy))
     return {**fit_link(points, copy_bytes_per_s), "latency_s": latency,
             "probe": [{"num_tokens": r.num_tokens, "in_flight": r.in_flight, "bytes_per_s": r.bytes_per_s}
@@ -168,13 +168,13 @@ def channel_link(model: ModelConfig, dtype: torch.dtype, device: str, max_tokens
 
 
 def fit_link(points: list[tuple[float, float]], copy_bytes_per_s: float | None) -> dict[str, float]:
-    """(bytes, seconds) per layer message at two sizes -> wire bytes/s and fixed seconds per
-    layer, the copy's share of the slope taken out (the transfer model adds it back)."""
+    """(bytes, seconds) per message at two sizes -> wire bytes/s and fixed seconds per message
+    (a run of layers), the copy's share of the slope taken out (the transfer model adds it back)."""
     (b0, t0), (b1, t1) = points
     per_byte = max((t1 - t0) / (b1 - b0), 1e-12)
     if copy_bytes_per_s:
         per_byte = max(per_byte - 1.0 / copy_bytes_per_s, per_byte / 2)
-    return {"bytes_per_s": 1.0 / per_byte, "per_layer_s": max(0.0, t1 - b1 * per_byte)}
+    return {"bytes_per_s": 1.0 / per_byte, "per_run_s": max(0.0, t1 - b1 * per_byte)}
 
 
 def loopback_tcp_bytes_per_s(total: int = 256 << 20, chunk: int = 4 << 20) -> float:
@@ -210,11 +210,12 @@ def loopback_tcp_bytes_per_s(total: int = 256 << 20, chunk: int = 4 << 20) -> fl
 
 
 def codec_rates(layers: list[tuple[torch.Tensor, torch.Tensor]], levels: tuple[str, ...], max_layers: int = 4) -> dict[str, dict[str, float]]:
-    """Per level: all-in bits per element, and encode/decode time per layer as a fixed cost
-    plus raw bytes / rate (two sizes: the whole sample and a quarter of its tokens; a GPU
-    codec's launches and host reads are a fixed cost that dominates short prompts). Timed
-    with the channel's own LayerPacker / LayerUnpacker where the channel runs them: on the
-    GPU when the KV lives there, else on the CPU. One untimed layer first (compilation)."""
+    """Per level: all-in bits per element, and encode/decode time of a run of layers as a fixed
+    cost per run plus raw bytes / rate (two sizes: the whole sample and a quarter of its tokens;
+    a GPU codec's launches and host reads are a fixed cost that dominates short prompts). Timed
+    with the channel's own LayerPacker / LayerUnpacker on runs of `max_layers` layers, where the
+    channel runs them: on the GPU when the KV lives there, else on the CPU. One untimed run
+    first (compilation)."""
     from kvtransfer.payload import LayerPacker, LayerUnpacker, layout_of
     k0 = layers[0][0]
     n, h, d = k0.shape
@@ -225,25 +226,28 @@ def codec_rates(layers: list[tuple[torch.Tensor, torch.Tensor]], levels: tuple[s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def flat(body: Any) -> bytearray:
+        return bytearray(b"".join(bytes(s) for s in body) if isinstance(body, list) else bytes(body))
+
     def timed(level: str, tokens: int) -> tuple[float, float, int, int]:
-        """(encode s, decode s, raw bytes, wire bytes) per layer at `tokens` tokens."""
-        sample = [(k[:tokens].contiguous(), v[:tokens].contiguous()) for k, v in layers[:max_layers]]
+        """(encode s, decode s, raw bytes, wire bytes) of one run at `tokens` tokens."""
+        run = torch.stack([torch.stack([k[:tokens], v[:tokens]]) for k, v in layers[:max_layers]])
         packer = LayerPacker(layout, level, tokens)
         unpacker = LayerUnpacker(layout, level, tokens, packer.stream_header(), device=device)
+        m = run.shape[0]
         sync()
-        unpacker.unpack(bytearray(bytes(packer.pack(0, *sample[0]))))
+        body, sizes = packer.pack_layers(0, run)
+        unpacker.unpack_layers(flat(body), 0, m, sizes)
         sync()
         t = time.perf_counter()
-        bodies = [bytes(packer.pack(i, k, v)) for i, (k, v) in enumerate(sample)]
+        body, sizes = packer.pack_layers(0, run)
+        wire = flat(body)
         enc = time.perf_counter() - t
         t = time.perf_counter()
-        for b in bodies:
-            unpacker.unpack(bytearray(b))
+        unpacker.unpack_layers(wire, 0, m, sizes)
         sync()
         dec = time.perf_counter() - t
-        raw = sum(k.numel() * k.element_size() * 2 for k, _ in sample)
-        m = len(sample)
-        return enc / m, dec / m, raw // m, sum(len(b) for b in bodies) // m
+        return enc, dec, run.numel() * run.element_size(), len(wire)
 
     out = {}
     for level in levels:
@@ -255,7 +259,7 @@ def codec_rates(layers: list[tuple[torch.Tensor, torch.Tensor]], levels: tuple[s
             fixed = max(0.0, large[i] - large[2] * per_byte)
             # rate: raw bytes/s at the sampled size (what older profiles store); the fixed part apart
             entry[f"{what}_bytes_per_s"] = large[2] / large[i]
-            entry[f"{what}_per_layer_s"] = fixed
+            entry[f"{what}_per_run_s"] = fixed
             entry[f"{what}_marginal_bytes_per_s"] = 1.0 / per_byte
         out[level] = entry
     return out
@@ -311,7 +315,7 @@ def profile(config: ClusterConfig, quick: bool = False, levels: tuple[str, ...] 
     socket_rate = loopback_tcp_bytes_per_s()
     link = channel_link(prof.model, parse_dtype(config.model.dtype), config.device, prof.max_len - 2, copy_rate)
     link["socket_bytes_per_s"] = socket_rate
-    log(f"  KV channel: {link['bytes_per_s'] / 1e9:.2f} GB/s + {link['per_layer_s'] * 1e6:.0f} us per layer "
+    log(f"  KV channel: {link['bytes_per_s'] / 1e9:.2f} GB/s + {link['per_run_s'] * 1e6:.0f} us per message "
         f"busy, +{link['latency_s'] * 1e3:.1f} ms latency alone (bare loopback socket {socket_rate / 1e9:.2f} GB/s)")
     codec = codec_rates(layers, levels)
     del layers

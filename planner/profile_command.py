@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"tp{tp} decode:  {m.decode.coef[0] * 1e3:.2f} ms + {m.decode.coef[1] * 1e9:.2f} ns/context token + "
               f"{m.decode.coef[2] * 1e3:.3f} ms/seq (mean error {m.decode.mean_rel_err:.1%})")
     tcp = prof["links"]["tcp"]
-    print(f"KV channel (loopback TCP): {tcp['bytes_per_s'] / 1e9:.2f} GB/s + {tcp.get('per_layer_s', 0) * 1e6:.0f} us "
-          f"per layer message, +{tcp.get('latency_s', 0) * 1e3:.1f} ms per request alone")
+    print(f"KV channel (loopback TCP): {tcp['bytes_per_s'] / 1e9:.2f} GB/s + {tcp.get('per_run_s', 0) * 1e6:.0f} us "
+          f"per message (a run of layers), +{tcp.get('latency_s', 0) * 1e3:.1f} ms per request alone")
     for level, c in prof["codec"].items():
         print(f"codec {level}: {c['bits_per_element']:.2f} bits/elem, encode {c['encode_bytes_per_s'] / 1e6:.0f} MB/s, "
               f"decode {c['decode_bytes_per_s'] / 1e6:.0f} MB/s")

@@ -37,7 +37,7 @@ from engine.scheduler import SCHEDULERS, ScheduledBatch
 from engine.stopping import stop_reason
 from planner.colocation import CoreSharing, SharedCores
 from planner.latency import StepModel
-from planner.transfer import LinkModel, TransferModel, schedule_layers
+from planner.transfer import LinkModel, TransferModel
 
 
 @dataclass
@@ -228,21 +228,25 @@ class SimChannel:
         now = self.sim.clock.now
         self.busy = True   # KV lands in host staging: the link never waits for decode blocks
         transfer = self.sim.setup.transfer
-        send_s, recv_s = transfer.layer_times(tr.req.num_prompt_tokens, tr.level, self.link) if transfer else (0.0, 0.0)
-        sender_free, landed = schedule_layers(tr.ready, send_s, recv_s, now)
+        if transfer is None:
+            sender_free = landed = max([now, *tr.ready])
+        else:
+            sender_free, landed = transfer.schedule(tr.req.num_prompt_tokens, tr.level, self.link, tr.ready, now)
         landed += self.link.latency_s
         enc, dec = transfer.codec_times(tr.req.num_prompt_tokens, tr.level) if transfer else (0.0, 0.0)
         if (enc or dec) and self.sim.cores.shares(self.src.name):
-            self._code_on_cores(tr, sender_free, landed, enc, dec, send_s - enc)
+            send_s, _ = transfer.layer_times(tr.req.num_prompt_tokens, tr.level, self.link)
+            self._code_on_cores(tr, sender_free, landed, enc, dec, send_s - enc,
+                                transfer.encode_per_run_s.get(tr.level, 0.0), transfer.decode_per_run_s.get(tr.level, 0.0))
             return
         self.sim.clock.at(sender_free, self._next)
         self.sim.clock.at(landed, lambda: self._landed(tr))
 
     def _code_on_cores(self, tr: _Transfer, sender_free: float, landed: float, enc: float, dec: float,
-                       wire: float) -> None:
+                       wire: float, run_enc: float, run_dec: float) -> None:
         """A CPU codec shares the nodes' cores with the instances: the encode (from the first
-        layer) and the decode (from its arrival) run as jobs there; the link and the per-layer
-        pipeline still bound the times from below."""
+        layer) and the decode (from its arrival) run as jobs there, with one run's fixed costs;
+        the link and the channel's schedule still bound the times from below."""
         cores, clock, n = self.sim.cores, self.sim.clock, len(tr.ready)
         rid = tr.req.request_id
         state: dict[str, float] = {}
@@ -260,8 +264,8 @@ class SimChannel:
             state["decoded"] = clock.now
             finish()
         start = max(clock.now, tr.ready[0])
-        clock.at(start, lambda: cores.run(f"{rid}/encode", "codec", n * enc, encoded, on=self.src.name))
-        clock.at(start + enc + wire, lambda: cores.run(f"{rid}/decode", "codec", n * dec, decoded,
+        clock.at(start, lambda: cores.run(f"{rid}/encode", "codec", run_enc + n * enc, encoded, on=self.src.name))
+        clock.at(start + enc + wire, lambda: cores.run(f"{rid}/decode", "codec", run_dec + n * dec, decoded,
                                                              on=self.dst.name))
 
     def _next(self) -> None:

@@ -29,3 +29,28 @@ def test_an_admission_is_timed_only_while_the_batch_still_decodes():
     admitting, plain = admission_gaps(steps, [0.015, 0.550], batch=8, prompt_len=16, model=model)
     assert admitting == pytest.approx([0.002])          # not the 573 ms idle gap before the late joiner
     assert plain == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_the_channel_sends_what_is_ready_as_one_run():
+    from planner.transfer import schedule_runs
+    # all ready: one run, one fixed cost
+    assert schedule_runs([0.0] * 4, 0.0, 1.0, 0.1, 0.5, 0.01) == pytest.approx((1.4, 1.94))
+    # layers ready one by one, slower than the channel: a run each, streaming behind compute
+    sender, landed = schedule_runs([1.0, 2.0, 3.0], 0.0, 0.1, 0.1, 0.0, 0.0)
+    assert (sender, landed) == pytest.approx((3.2, 3.2))
+    # a busy channel (free at 2.5) takes the three layers ready by then as one run, then the last
+    sender, _ = schedule_runs([1.0, 1.5, 2.0, 4.0], 2.5, 1.0, 0.1, 0.0, 0.0)
+    assert sender == pytest.approx(max(2.5 + 1.0 + 0.3, 4.0) + 1.1)
+
+
+def test_codec_costs_come_per_run_in_new_profiles_and_per_layer_in_old_ones():
+    from planner.transfer import LinkModel, TransferModel
+    link = LinkModel("tcp", 1e9, per_run_s=1e-3)
+    new = TransferModel(1000, 8, encode_bytes_per_s={"int8": 1e9}, decode_bytes_per_s={"int8": 1e9},
+                        encode_per_run_s={"int8": 2e-3}, decode_per_run_s={"int8": 3e-3}, bits_per_element={"int8": 8})
+    old = TransferModel(1000, 8, encode_bytes_per_s={"int8": 1e9}, decode_bytes_per_s={"int8": 1e9},
+                        encode_per_layer_s={"int8": 2e-3}, decode_per_layer_s={"int8": 3e-3}, bits_per_element={"int8": 8})
+    assert new.run_times("int8", link) == pytest.approx((3e-3, 3e-3))
+    assert new.run_times("raw", link) == pytest.approx((1e-3, 0.0))
+    # the whole request as one run: the fixed costs once, not once per layer
+    assert old.total_time(100, "int8", link) - new.total_time(100, "int8", link) == pytest.approx(7 * 5e-3)

@@ -41,9 +41,9 @@ def test_channel_link_is_fitted_from_two_probe_sizes():
     link = channel_link(get_preset("tiny-gqa"), torch.float32, "cpu", 1024, copy_bytes_per_s=None)
     # busy (4 queued back to back) and alone, at two sizes each
     assert [(p["num_tokens"], p["in_flight"]) for p in link["probe"]] == [(256, 4), (1024, 4), (256, 1), (1024, 1)]
-    assert link["bytes_per_s"] > 0 and link["per_layer_s"] >= 0 and link["latency_s"] >= 0
+    assert link["bytes_per_s"] > 0 and link["per_run_s"] >= 0 and link["latency_s"] >= 0
     # 1 ms per message + 1 GB/s; a 10 GB/s copy inside the probe comes out of the wire rate
     fit = fit_link([(1e6, 0.002), (9e6, 0.010)], None)
-    assert fit["bytes_per_s"] == pytest.approx(1e9) and fit["per_layer_s"] == pytest.approx(1e-3)
+    assert fit["bytes_per_s"] == pytest.approx(1e9) and fit["per_run_s"] == pytest.approx(1e-3)
     fit = fit_link([(1e6, 0.002), (9e6, 0.010)], 10e9)
     assert fit["bytes_per_s"] == pytest.approx(1 / (1e-9 - 1e-10))
