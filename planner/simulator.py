@@ -37,6 +37,7 @@ from engine.scheduler import SCHEDULERS, ScheduledBatch
 from engine.stopping import stop_reason
 from planner.colocation import CoreSharing, SharedCores
 from planner.latency import StepModel
+from planner.sim_channel import SimChannel, Transfer
 from planner.transfer import LinkModel, TransferModel
 
 
@@ -73,18 +74,6 @@ class _Clock:
             after_each()
 
 
-@dataclass
-class _Transfer:
-    req: Request
-    level: str
-    ready: list[float]          # per layer, when the prefill step has written it
-    first_token_at: float | None = None
-    landed_at: float | None = None
-    channel: "SimChannel | None" = None
-    blocks: list[int] = field(default_factory=list)
-    cancelled: bool = False
-
-
 class SimInstance:
     """One instance: a scheduler over a BlockManager, stepping on the virtual clock."""
 
@@ -100,7 +89,7 @@ class SimInstance:
         self.busy = False
         self.kick_pending = False
         # decode: landed transfers waiting for blocks, FIFO (the runtime's staged admission queue)
-        self.waiting_admissions: deque[tuple[SimChannel, _Transfer]] = deque()
+        self.waiting_admissions: deque[tuple[SimChannel, Transfer]] = deque()
         self.targets: dict[str, int] = {}                    # prefill: request -> decode index
         self.num_admitted = 0                                # decode: KV landed since the last step
         self.index = int(name.rsplit("-", 1)[1])
@@ -207,90 +196,6 @@ class SimInstance:
         self.kick()
 
 
-class SimChannel:
-    """One (prefill, decode) KV channel: a FIFO of transfers, one at a time on the link."""
-
-    def __init__(self, sim: "Simulator", src: SimInstance, dst: SimInstance, link: LinkModel) -> None:
-        self.sim, self.src, self.dst, self.link = sim, src, dst, link
-        self.queue: deque[_Transfer] = deque()
-        self.busy = False
-
-    def begin(self, tr: _Transfer) -> None:
-        self.queue.append(tr)
-        self.pump()
-
-    def pump(self) -> None:
-        while self.queue and self.queue[0].cancelled:
-            self.queue.popleft()
-        if self.busy or not self.queue:
-            return
-        tr = self.queue[0]
-        now = self.sim.clock.now
-        self.busy = True   # KV lands in host staging: the link never waits for decode blocks
-        transfer = self.sim.setup.transfer
-        if transfer is None:
-            sender_free = landed = max([now, *tr.ready])
-        else:
-            sender_free, landed = transfer.schedule(tr.req.num_prompt_tokens, tr.level, self.link, tr.ready, now)
-        landed += self.link.latency_s
-        enc, dec = transfer.codec_times(tr.req.num_prompt_tokens, tr.level) if transfer else (0.0, 0.0)
-        if (enc or dec) and self.sim.cores.shares(self.src.name):
-            send_s, _ = transfer.layer_times(tr.req.num_prompt_tokens, tr.level, self.link)
-            self._code_on_cores(tr, sender_free, landed, enc, dec, send_s - enc,
-                                transfer.encode_per_run_s.get(tr.level, 0.0), transfer.decode_per_run_s.get(tr.level, 0.0))
-            return
-        self.sim.clock.at(sender_free, self._next)
-        self.sim.clock.at(landed, lambda: self._landed(tr))
-
-    def _code_on_cores(self, tr: _Transfer, sender_free: float, landed: float, enc: float, dec: float,
-                       wire: float, run_enc: float, run_dec: float) -> None:
-        """A CPU codec shares the nodes' cores with the instances: the encode (from the first
-        layer) and the decode (from its arrival) run as jobs there, with one run's fixed costs;
-        the link and the channel's schedule still bound the times from below."""
-        cores, clock, n = self.sim.cores, self.sim.clock, len(tr.ready)
-        rid = tr.req.request_id
-        state: dict[str, float] = {}
-
-        def finish() -> None:
-            if "sent" in state and "decoded" in state:
-                clock.at(max(clock.now, landed, state["sent"] + dec), lambda: self._landed(tr))
-
-        def encoded() -> None:
-            state["sent"] = max(clock.now, sender_free - wire) + wire
-            clock.at(state["sent"], self._next)
-            finish()
-
-        def decoded() -> None:
-            state["decoded"] = clock.now
-            finish()
-        start = max(clock.now, tr.ready[0])
-        clock.at(start, lambda: cores.run(f"{rid}/encode", "codec", run_enc + n * enc, encoded, on=self.src.name))
-        clock.at(start + enc + wire, lambda: cores.run(f"{rid}/decode", "codec", run_dec + n * dec, decoded,
-                                                             on=self.dst.name))
-
-    def _next(self) -> None:
-        self.queue.popleft()
-        self.busy = False
-        self.pump()
-
-    def _landed(self, tr: _Transfer) -> None:
-        tr.landed_at = self.sim.clock.now
-        self.maybe_admit(tr)
-
-    def maybe_admit(self, tr: _Transfer) -> None:
-        """Once landed and its first token is known, the transfer queues for decode blocks."""
-        if tr.cancelled or tr.landed_at is None or tr.first_token_at is None:
-            return
-        self.dst.waiting_admissions.append((self, tr))
-        self.dst.admit_waiting()
-
-    def admitted(self, tr: _Transfer, blocks: list[int]) -> None:
-        tr.blocks = blocks
-        now = self.sim.clock.now
-        self.dst.admit(tr.req, blocks, now)
-        self.sim.transfer_done(self.src, tr, now)
-
-
 class SimPool:
     """cluster.frontend.InstancePool over simulated instances."""
 
@@ -331,7 +236,7 @@ class Simulator:
             pool = "prefill" if name.startswith("prefill") else "decode"
             self.instances[name] = SimInstance(self, name, role, setup.blocks[pool])
         self.channels: dict[tuple[str, str], SimChannel] = {}
-        self.transfers: dict[str, _Transfer] = {}
+        self.transfers: dict[str, Transfer] = {}
         self.handoff_blocks: dict[str, list[int]] = {}
         disagg = config.mode == "disagg"
         pool = SimPool(self)
@@ -365,7 +270,7 @@ class Simulator:
         level = self.config.kv_transfer.codec
         if self.setup.transfer is not None:
             level = self.setup.transfer.resolve_level(level, req.num_prompt_tokens, channel.link, self.config.slo.tpot_s)
-        tr = _Transfer(req, level, ready, channel=channel)
+        tr = Transfer(req, level, ready, channel=channel)
         self.transfers[req.request_id] = tr
         channel.begin(tr)
 
@@ -383,7 +288,7 @@ class Simulator:
                 tr.channel.dst.blocks.free(tr.blocks)  # type: ignore[union-attr]
                 tr.blocks = []
 
-    def transfer_done(self, src: SimInstance, tr: _Transfer, now: float) -> None:
+    def transfer_done(self, src: SimInstance, tr: Transfer, now: float) -> None:
         rid = tr.req.request_id
         self.transfers.pop(rid, None)
         src.blocks.free(self.handoff_blocks.pop(rid))
