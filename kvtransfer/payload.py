@@ -121,7 +121,8 @@ class DeviceEntry:
 
 class LayerUnpacker:
     """Receiver side: body -> KV [n, 2, num_tokens, num_kv_heads, head_dim]; raises ValueError
-    (CodecError) on a bad body. Raw bodies come back as views of the received bytes; coded ones are decoded on `device` when it is a GPU and the level has a device path (ready
+    (CodecError) on a bad body. Raw bodies come back as views of the received bytes; coded ones
+    are decoded on `device` when it is a GPU and the level has a device path (ready
     on return: the decoder syncs its side stream), else on the CPU."""
 
     def __init__(self, layout: ModelFingerprint, level: str, num_tokens: int, stream_header: bytes,

@@ -2,8 +2,8 @@
 connected prefill rank, landing frames in a `StagingArea`.
 
 Per request and source: `begin` (layout of the head slice, codec header; on the control
-rank also the request itself), `layers` frames (a run of consecutive layers each), then on the control channel `done` (first
-token). The decode worker admits complete requests and answers through `StagedRequest.reply`
+rank also the request itself), `layers` frames (a run of consecutive layers each), then on
+the control channel `done` (first token). The decode worker admits complete requests and answers through `StagedRequest.reply`
 (ack/nack on the control connection). `abort` or a broken control connection drops the
 request's staging, so nothing outlives a failed transfer.
 """
@@ -78,7 +78,8 @@ class KVReceiver:
             return reply
 
         # KV bound for a GPU goes there as soon as it lands (see DeviceEntry)
-        to_gpu = DeviceEntry(self.device) if self.device is not None and torch.device(self.device).type == "cuda" else None
+        on_gpu = self.device is not None and torch.device(self.device).type == "cuda"
+        to_gpu = DeviceEntry(self.device) if on_gpu else None
 
         def land(header: dict[str, Any], nbytes: int) -> Any:
             entry = unpackers.get(header.get("id")) if header.get("type") == "layers" else None

@@ -5,7 +5,8 @@ sender thread, so encoding and sending a layer overlaps the next layers' compute
 sender thread wakes it takes every queued job, and the consecutive layers of one request that
 are waiting go out as one run (one gather, one copy, one frame): a busy prefill process gives
 this thread little time, and a per-layer round of Python and CUDA calls made the channel ~8x
-slower there than alone. On a slow link the runs stay short, so the KV still streams. A reader
+slower there than alone. A channel that keeps up still streams layer by layer (short runs as
+layers are computed); one that falls behind sends what has piled up in one go. A reader
 thread collects acks. Any failure (connect, send, ack timeout, nack) ends in exactly one
 `on_result(request_id, ok=False, reason)`; success in one `on_result(request_id, True, None)`.
 """

@@ -57,7 +57,8 @@ class SimChannel:
         if (enc or dec) and self.sim.cores.shares(self.src.name):
             send_s, _ = transfer.layer_times(tr.req.num_prompt_tokens, tr.level, self.link)
             self._code_on_cores(tr, sender_free, landed, enc, dec, send_s - enc,
-                                transfer.encode_per_run_s.get(tr.level, 0.0), transfer.decode_per_run_s.get(tr.level, 0.0))
+                                transfer.encode_per_run_s.get(tr.level, 0.0),
+                                transfer.decode_per_run_s.get(tr.level, 0.0))
             return
         self.sim.clock.at(sender_free, self._next)
         self.sim.clock.at(landed, lambda: self._landed(tr))

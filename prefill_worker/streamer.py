@@ -1,7 +1,8 @@
 """The prefill side of KV transfer for one rank: which heads go to which decode rank
 (a `ReshardPlan` per decode instance), one `KVSender` channel per decode rank, and the gather
-of a request's head slice, a run of layers at a time, from this rank's paged cache. Rank 0 and the other TP ranks of a
-prefill instance each run one; only rank 0's channel to decode rank 0 carries control."""
+of a request's head slice, a run of layers at a time, from this rank's paged cache. Rank 0
+and the other TP ranks of a prefill instance each run one; only rank 0's channel to decode
+rank 0 carries control."""
 
 from __future__ import annotations
 
