@@ -170,7 +170,7 @@ def decode_lossless(h: StreamHeader, payloads: list[dict[str, Any]], device: tor
 
 
 def decode_quant(h: StreamHeader, payloads: list[dict[str, Any]], device: torch.device) -> list[LayerKV]:
-    from kernels.codec_quantize import dequantize
+    from kernels.codec_symbols import dequantize
     from kernels.codec_rans import build_tables, rans_decode
     m, cfg = h.model, h.level
     dt = m.torch_dtype

@@ -97,8 +97,9 @@ def _quant_range(h: StreamHeader) -> tuple[int, int]:
 
 def encode_device(h: StreamHeader, kv: Tensor, first_layer: int = 0,
                   layer_ids: Sequence[int] | None = None, gpp: int | None = None) -> DeviceEncoded:
-    from kernels.codec_quantize import Workspace, histogram, quantize_histogram, scale_stats
+    from kernels.codec_quantize import Workspace, quantize_histogram, scale_stats
     from kernels.codec_rans import build_tables, rans_encode
+    from kernels.codec_symbols import histogram
 
     cfg, m = h.level, h.model
     nl, two, t, hh, d = kv.shape

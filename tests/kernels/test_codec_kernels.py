@@ -100,7 +100,7 @@ def test_encoder_uses_device_path_for_device_tensors(device, monkeypatch):
 
 
 def test_dequantize_kernel_matches_reference(device):
-    from kernels.codec_quantize import dequantize
+    from kernels.codec_symbols import dequantize
     from kvtransfer.codec import quant
     syms = torch.randint(0, 64, (3, 100), dtype=torch.uint8)
     step = torch.rand(3, 10) * 1e3
